@@ -1,0 +1,446 @@
+"""Run configuration: one frozen dataclass per stage of the flow, resolved in layers.
+
+    dataclass defaults < TOML profile (pipelines/*.toml) < STREAMSSL_* environment < --set a.b=v overrides
+
+Every field carries its help text (with tuning advice) and its allowed range in the field metadata;
+``resolve`` checks each layer against them so that an unknown key, a wrong type or an out-of-range value
+fails once, with one message that names the key and the layer it came from. Values are merged by key
+presence, never by truthiness: 0, false and "" survive.
+
+Environment variables are ``STREAMSSL_<SECTION>_<KEY>`` (``STREAMSSL_LEARNER_BASE_LR=0.3``); override and
+environment values are parsed as TOML values when they parse (``[224, 96]``, ``true``, ``0.05``), else
+taken as plain strings; a list field also accepts ``224,96``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "STREAMSSL_"
+DEFAULT_PROFILE = "cpu-small"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range. The message names the key."""
+
+
+def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+       le: float | None = None, choices: Sequence[Any] | None = None) -> Any:
+    """A dataclass field with its help text and its allowed range."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "choices": tuple(choices) if choices else None}
+    if isinstance(default, list | dict):
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where shard URLs come from (source.py) and how their members become samples (samples.py)."""
+
+    urls: tuple[str, ...] = _f((), "Shard sources: a glob or brace pattern (shards/{000000..000999}.tar), "
+                               "a folder to follow for new *.tar, http(s) URLs, or redis://host:port/db to "
+                               "read the ingest stream. Empty: the embedded demo stream.")
+    cycle: bool = _f(True, "Pattern sources: start over when every shard was read (reshuffled each pass).")
+    settle_s: float = _f(5.0, "Folder sources: a *.tar unchanged this long counts as complete. Producers that "
+                         "write then rename need none; raise it for slow network copies.", ge=0)
+    poll_s: float = _f(2.0, "Folder and Redis sources: how often to look for new shards.", gt=0)
+    stream_key: str = _f("streamssl:shards", "Redis source: the stream producers XADD shard URLs to.")
+    group: str = _f("learners", "Redis source: the consumer group learners read through.")
+    consumer: str = _f("", "Redis source: this learner's consumer name. Empty: host name and pid.")
+    claim_idle_s: float = _f(600.0, "Redis source: shards pending this long on a consumer are reclaimed "
+                             "(XAUTOCLAIM). Keep it above the time one shard takes to train on.", gt=0)
+    allow_pipe: bool = _f(False, "Accept webdataset pipe: URLs. They run shell commands and URLs may come "
+                          "from others through Redis: leave off unless every producer is trusted.")
+    shuffle_buffer: int = _f(2000, "Samples held to decorrelate the stream. Larger mixes shards better and "
+                             "costs memory (encoded bytes).", ge=0)
+    max_pixels: int = _f(40_000_000, "Images declaring more pixels than this are skipped as bombs.", gt=0)
+    max_member_bytes: int = _f(64 << 20, "Tar members larger than this are skipped.", gt=0)
+    seed: int = _f(0, "Seed of the shard reshuffles and the shuffle buffer.", ge=0)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """SwAV multi-crop (augment/): decode and views, on DALI or its torchvision twin."""
+
+    backend: str = _f("auto", "dali, torchvision, or auto (DALI when importable).",
+                      choices=("auto", "dali", "torchvision"))
+    n_views: tuple[int, ...] = _f((2, 6), "Views per size, e.g. 2 global and 6 local.")
+    sizes: tuple[int, ...] = _f((224, 96), "Output side in pixels per size group.")
+    min_scale: tuple[float, ...] = _f((0.14, 0.05), "RandomResizedCrop lower area fraction per size group.")
+    max_scale: tuple[float, ...] = _f((1.0, 0.14), "RandomResizedCrop upper area fraction per size group.")
+    flip_p: float = _f(0.5, "Horizontal flip probability.", ge=0, le=1)
+    jitter_strength: float = _f(1.0, "Colour jitter strength s (brightness/contrast/saturation 0.8s, hue "
+                                "0.2s). Lower it for colour-defined classes.", ge=0)
+    jitter_p: float = _f(0.8, "Probability of colour jitter.", ge=0, le=1)
+    grayscale_p: float = _f(0.2, "Probability of grayscale.", ge=0, le=1)
+    blur_p: float = _f(0.5, "Probability of Gaussian blur. Blur dominates CPU cost: lower it on CPU.", ge=0, le=1)
+    blur_sigma: tuple[float, ...] = _f((0.1, 2.0), "Gaussian blur sigma range (min, max).")
+    solarize_p: float = _f(0.0, "Probability of solarization (0 in SwAV).", ge=0, le=1)
+    mean: tuple[float, ...] = _f((0.485, 0.456, 0.406), "Normalisation mean per channel (0-1 scale).")
+    std: tuple[float, ...] = _f((0.228, 0.224, 0.225), "Normalisation std per channel (0-1 scale).")
+    n_threads: int = _f(2, "Decode and augmentation threads (DALI) or workers (torchvision).", ge=1)
+    prefetch: int = _f(2, "Batches prepared ahead of the learner.", ge=1)
+    seed: int = _f(0, "Seed of the augmentation RNG.", ge=0)
+
+    def __post_init__(self) -> None:
+        groups = len(self.sizes)
+        for name in ("n_views", "min_scale", "max_scale"):
+            if len(getattr(self, name)) != groups:
+                raise ConfigError(f"augment.{name}: needs one entry per size group ({groups}), "
+                                  f"got {len(getattr(self, name))}")
+        if any(v < 1 for v in self.n_views) or any(s < 1 for s in self.sizes):
+            raise ConfigError("augment.n_views and augment.sizes: entries must be >= 1")
+        for lo, hi in zip(self.min_scale, self.max_scale, strict=True):
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"augment.min_scale/max_scale: need 0 < min <= max <= 1, got ({lo}, {hi})")
+        if len(self.blur_sigma) != 2 or not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ConfigError("augment.blur_sigma: needs (min, max) with 0 < min <= max")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError("augment.mean/std: need 3 entries each, std > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Trunk, projection head and prototypes (model.py)."""
+
+    arch: str = _f("resnet50", "torchvision ResNet trunk.", choices=("resnet18", "resnet34", "resnet50"))
+    small_stem: bool = _f(False, "3x3 stride-1 first conv and no max-pool, for 32-96 px inputs.")
+    hidden_dim: int = _f(2048, "Projection head hidden width. 0: a single linear layer.", ge=0)
+    out_dim: int = _f(128, "Embedding dimension D. 0: no head, prototypes sit on the trunk features.", ge=0)
+    n_prototypes: int = _f(3000, "Number of prototypes K. About 10x the expected number of classes.", ge=2)
+    channels_last: bool = _f(False, "channels_last memory format: faster convolutions on most CPUs/GPUs.")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The online SwAV objective and its optimisation (learner.py, sinkhorn.py, loss.py, queue.py, optim.py)."""
+
+    batch_size: int = _f(256, "Images per step (each gives every view).", ge=1)
+    temperature: float = _f(0.1, "Softmax temperature of the swapped prediction.", gt=0)
+    epsilon: float = _f(0.05, "Sinkhorn entropy regularisation. Lower it (0.03) if codes stay soft; raise "
+                        "it if training collapses.", gt=0)
+    sinkhorn_iters: int = _f(3, "Sinkhorn-Knopp iterations.", ge=1)
+    crops_for_assign: tuple[int, ...] = _f((0, 1), "Views whose codes are predicted (the global ones).")
+    queue_length: int = _f(0, "Queue rows Q per assignment view. Use it when B < K/ a few: it enlarges the "
+                           "Sinkhorn problem so equipartition is meaningful. 0: off.", ge=0)
+    queue_start_step: int = _f(0, "First step the (full) queue may be used. Let features settle first.", ge=0)
+    freeze_prototypes_steps: int = _f(0, "Prototypes get no update for this many steps.", ge=0)
+    optimizer: str = _f("lars", "lars (large batches), sgd or adamw (small batches, short runs).",
+                        choices=("lars", "sgd", "adamw"))
+    base_lr: float = _f(0.6, "Peak learning rate, reached at the end of warmup.", gt=0)
+    final_lr: float = _f(0.0006, "Cosine schedule: lowest learning rate of a cycle.", ge=0)
+    warmup_steps: int = _f(500, "Linear warmup from warmup_start_lr to base_lr.", ge=0)
+    warmup_start_lr: float = _f(0.0, "Learning rate at step 0.", ge=0)
+    schedule: str = _f("constant", "After warmup: constant (unbounded runs) or cosine cycles.",
+                       choices=("constant", "cosine"))
+    cycle_steps: int = _f(100_000, "Cosine schedule: steps per cycle (restarts at base_lr).", ge=1)
+    weight_decay: float = _f(1e-6, "Weight decay (not on BN and biases).", ge=0)
+    momentum: float = _f(0.9, "SGD/LARS momentum; AdamW beta1.", ge=0, le=0.9999)
+    trust_coefficient: float = _f(0.001, "LARS trust coefficient eta.", gt=0)
+    bf16: bool = _f(False, "bfloat16 autocast of the forward pass (Sinkhorn stays float32).")
+    seed: int = _f(0, "Seed of the initialisation.", ge=0)
+
+    def __post_init__(self) -> None:
+        if not self.crops_for_assign or min(self.crops_for_assign) < 0:
+            raise ConfigError("learner.crops_for_assign: needs at least one view index >= 0")
+        if len(set(self.crops_for_assign)) != len(self.crops_for_assign):
+            raise ConfigError("learner.crops_for_assign: view indices must be distinct")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Prototype store (store.py)."""
+
+    url: str = _f("", "redis://[:password@]host:port/db or rediss:// for TLS. Empty: a local file store "
+                  "under checkpoint.dir (the embedded default).")
+    prefix: str = _f("streamssl", "Key prefix of every Redis key this run writes.")
+    every_steps: int = _f(50, "Write the prototypes every this many steps (and on shutdown).", ge=1)
+    history: int = _f(20, "Earlier prototype versions kept for rollback.", ge=0)
+    heartbeat_ttl_s: float = _f(30.0, "A learner missing heartbeats this long counts as gone.", gt=0)
+    socket_timeout_s: float = _f(2.0, "Redis connect and read timeout. Short, so an unreachable store never "
+                                 "stalls training; raise it only for slow links.", gt=0)
+    retry_max_s: float = _f(30.0, "Longest wait between prototype write retries while Redis is down (the wait "
+                            "doubles from 0.5 s up to this). Lower it to catch up sooner after an outage.", gt=0)
+    tls_ca_file: str = _f("", "rediss:// only: CA bundle that signed the server certificate. Empty: the system "
+                          "trust store.")
+    tls_cert_file: str = _f("", "rediss:// only: client certificate, when the server asks for one (mutual TLS).")
+    tls_key_file: str = _f("", "rediss:// only: private key of tls_cert_file.")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints (checkpoint.py)."""
+
+    dir: str = _f("runs/default", "Folder for checkpoints (and the local prototype store).")
+    every_steps: int = _f(1000, "Checkpoint every this many steps.", ge=1)
+    every_s: float = _f(600.0, "... or when this many seconds passed since the last one.", gt=0)
+    keep: int = _f(3, "Checkpoints kept (oldest deleted first).", ge=1)
+    resume: bool = _f(True, "Resume from the newest checkpoint in dir when there is one.")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus endpoint (metrics.py)."""
+
+    host: str = _f("127.0.0.1", "Address the /metrics and /healthz server binds to.")
+    port: int = _f(9464, "Port of the metrics server. 0: a free port (logged at start). -1: no server.",
+                   ge=-1, le=65535)
+    stall_s: float = _f(300.0, "/healthz turns unhealthy when no step completed for this long.", gt=0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The daemon loop (daemon.py)."""
+
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto.")
+    max_steps: int = _f(0, "Stop after this many steps. 0: run until stopped.", ge=0)
+    max_images: int = _f(0, "Stop after this many images. 0: run until stopped.", ge=0)
+    max_seconds: float = _f(0.0, "Stop after this much wall-clock time in the loop (budgeted benchmarks). "
+                            "0: run until stopped.", ge=0)
+    log_every_steps: int = _f(10, "One progress line every this many steps.", ge=1)
+    threads: int = _f(0, "torch intra-op threads. 0: torch's default.", ge=0)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Online kNN probe of the live trunk (probe.py), shown as a metric while the daemon runs."""
+
+    dataset: str = _f("", "Labeled set: fashion-mnist[:FOLDER], an image folder (one sub-folder per class) or "
+                      "labeled shards. Empty: no probe.")
+    every_steps: int = _f(500, "Probe every this many steps. Training waits while it runs.", ge=1)
+    limit_train: int = _f(1000, "Labeled images in the kNN memory. The probe's time grows with both limits.", ge=1)
+    limit_test: int = _f(500, "Labeled images classified.", ge=1)
+    k: int = _f(20, "Neighbours that vote.", ge=1)
+    temperature: float = _f(0.07, "Vote weight temperature exp(sim / T).", gt=0)
+    max_s: float = _f(60.0, "Abandon a probe that takes longer than this (counted, logged) and go on training.",
+                      gt=0)
+
+
+@dataclass(frozen=True)
+class CollapseConfig:
+    """Collapse detection and recovery (collapse.py)."""
+
+    min_entropy_ratio: float = _f(0.1, "Collapse when code entropy falls below this fraction of its maximum "
+                                  "ln(min(images per step x assignment views, K)) ... 0: detection off.",
+                                  ge=0, le=1)
+    patience_steps: int = _f(50, "... for this many consecutive steps.", ge=1)
+    snapshot_every_steps: int = _f(200, "Keep an in-memory snapshot of a healthy learner this often; recovery "
+                                   "rolls back to it.", ge=1)
+    recovery_steps: int = _f(500, "After a rollback, prototypes stay frozen and eps lowered this long.", ge=1)
+    epsilon_factor: float = _f(0.6, "eps is multiplied by this during recovery (sharper, more balanced codes).",
+                               gt=0, le=1)
+
+
+@dataclass(frozen=True)
+class Config:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        n_views = sum(self.augment.n_views)
+        if n_views < 2:
+            raise ConfigError("augment.n_views: SwAV needs at least 2 views in all")
+        if max(self.learner.crops_for_assign) >= n_views:
+            raise ConfigError(f"learner.crops_for_assign: view index {max(self.learner.crops_for_assign)} "
+                              f"but only {n_views} views (augment.n_views)")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {s: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(self, s)).items()}
+                for s in SECTIONS}
+
+    def to_toml(self) -> str:
+        lines: list[str] = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(key: str, value: Any, hint: Any, meta: Mapping[str, Any], origin: str) -> Any:
+    """Coerce ``value`` to the field's type and check its range; raise ConfigError naming ``key``."""
+
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"{key}: {why} (from {origin})")
+
+    def scalar(v: Any, t: type) -> Any:
+        if t is bool:
+            if isinstance(v, bool):
+                return v
+            if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                return v.lower() in ("true", "1", "yes", "on")
+            raise fail(f"expected true or false, got {v!r}")
+        if t is int:
+            if isinstance(v, bool) or not isinstance(v, int | str):
+                raise fail(f"expected an integer, got {v!r}")
+            try:
+                return int(v)
+            except ValueError:
+                raise fail(f"expected an integer, got {v!r}") from None
+        if t is float:
+            if isinstance(v, bool) or not isinstance(v, int | float | str):
+                raise fail(f"expected a number, got {v!r}")
+            try:
+                out = float(v)
+            except ValueError:
+                raise fail(f"expected a number, got {v!r}") from None
+            if not math.isfinite(out):
+                raise fail(f"expected a finite number, got {v!r}")
+            return out
+        if t is str:
+            if not isinstance(v, str):
+                raise fail(f"expected a string, got {v!r}")
+            return v
+        raise TypeError(t)  # pragma: no cover - config fields use only these types
+
+    if typing.get_origin(hint) is tuple:
+        item_t = typing.get_args(hint)[0]
+        if isinstance(value, str):
+            value = [p.strip() for p in value.split(",") if p.strip()] if value.strip() else []
+        if not isinstance(value, list | tuple):
+            raise fail(f"expected a list, got {value!r}")
+        out: Any = tuple(scalar(v, item_t) for v in value)
+        items = out
+    else:
+        out = scalar(value, hint)
+        items = (out,)
+    for v in items:
+        if meta.get("choices") and v not in meta["choices"]:
+            raise fail(f"must be one of {', '.join(map(str, meta['choices']))}; got {v!r}")
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            if meta.get("ge") is not None and v < meta["ge"]:
+                raise fail(f"must be >= {meta['ge']}, got {v}")
+            if meta.get("gt") is not None and v <= meta["gt"]:
+                raise fail(f"must be > {meta['gt']}, got {v}")
+            if meta.get("le") is not None and v > meta["le"]:
+                raise fail(f"must be <= {meta['le']}, got {v}")
+    return out
+
+
+def _parse_text(text: str) -> Any:
+    """An override or environment value: a TOML value when it parses as one, else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _merge_layer(merged: dict[str, dict[str, Any]], layer: Mapping[str, Any], origin: str) -> None:
+    for section, values in layer.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section (from {origin}); known: {', '.join(SECTIONS)}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{section}: expected a table of keys (from {origin})")
+        cls = SECTIONS[section]
+        hints = _types(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if key not in fields:
+                raise ConfigError(f"{name}: unknown key (from {origin}); {section} has: {', '.join(fields)}")
+            merged[section][key] = _check_value(name, value, hints[key], fields[key].metadata, origin)
+
+
+def find_profile(profile: str | os.PathLike[str]) -> Path:
+    """A profile path, or a name looked up in ./pipelines and in the pipelines/ shipped beside the package."""
+    path = Path(profile)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix == ".toml" else f"{path.name}.toml"
+    for folder in (Path.cwd() / "pipelines", Path(__file__).resolve().parent.parent / "pipelines"):
+        if (folder / name).is_file():
+            return folder / name
+    raise ConfigError(f"profile {str(profile)!r}: no such file, and no pipelines/{name}")
+
+
+def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """STREAMSSL_<SECTION>_<KEY>=value pairs as a layer. Unknown sections are an error, not ignored."""
+    layer: dict[str, dict[str, Any]] = {}
+    for var, text in environ.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section not in SECTIONS or not key:
+            raise ConfigError(f"environment variable {var}: expected STREAMSSL_<SECTION>_<KEY> with a section "
+                              f"among {', '.join(SECTIONS)}")
+        layer.setdefault(section, {})[key] = _parse_text(text)
+    return layer
+
+
+def overrides_layer(overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``section.key=value`` strings as a layer."""
+    layer: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        section, dot, key = dotted.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        layer.setdefault(section, {})[key] = _parse_text(text.strip())
+    return layer
+
+
+def resolve(profile: str | os.PathLike[str] | None = DEFAULT_PROFILE, *,
+            environ: Mapping[str, str] | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Resolve the configuration: defaults < profile < environment < overrides.
+
+    Args:
+        profile: a TOML file or a profile name in pipelines/; None for the dataclass defaults alone.
+        environ: the environment to read STREAMSSL_* variables from (os.environ by default).
+        overrides: ``section.key=value`` strings, applied last.
+    """
+    merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    if profile is not None:
+        path = find_profile(profile)
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"profile {path}: not valid TOML: {exc}") from None
+        _merge_layer(merged, data, f"profile {path.name}")
+    _merge_layer(merged, env_layer(os.environ if environ is None else environ), "environment")
+    _merge_layer(merged, overrides_layer(overrides), "--set")
+    try:
+        return Config(**{s: SECTIONS[s](**values) for s, values in merged.items()})
+    except TypeError as exc:  # pragma: no cover - all keys were checked above
+        raise ConfigError(str(exc)) from None
+
+
+def describe(cls: type) -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every field of a section: for docs and CLI help."""
+    return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(cls)]
+
+
+__all__ = [
+    "AugmentConfig", "CheckpointConfig", "CollapseConfig", "Config", "ConfigError", "LearnerConfig",
+    "MetricsConfig", "ModelConfig", "ProbeConfig", "RunConfig", "SourceConfig", "StoreConfig", "describe",
+    "find_profile", "resolve",
+]
