@@ -1,0 +1,90 @@
+"""The SwAV network: ResNet trunk -> projection head -> L2-normalised embedding -> prototypes.
+
+Follows the SwAV authors' ``resnet50.py``: the trunk is a torchvision ResNet without its classifier; the head
+is Linear-BN-ReLU-Linear (or one Linear, or nothing); prototypes are a bias-free Linear whose rows the learner
+renormalises before every step, so scores are cosine similarities in [-1, 1]. The multi-resolution forward
+sends views of equal size through the trunk together (one batch-norm batch per resolution), as in the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from streamssl.config import ModelConfig
+
+TRUNK_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+
+
+def make_trunk(arch: str, *, small_stem: bool = False) -> nn.Module:
+    """A randomly initialised torchvision ResNet with ``fc`` replaced by Identity: images -> (B, F) features.
+
+    ``small_stem`` replaces the 7x7/2 conv and the max-pool by a 3x3/1 conv, keeping 32-96 px inputs from
+    being shrunk 4x before the first block (the usual CIFAR/STL adaptation).
+    """
+    if arch not in TRUNK_DIMS:
+        raise ValueError(f"unknown trunk {arch!r}; choose from {', '.join(TRUNK_DIMS)}")
+    # zero_init_residual: each residual branch starts as identity, as in the SwAV and SimCLR recipes.
+    trunk = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
+    if small_stem:
+        trunk.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
+        trunk.maxpool = nn.Identity()
+    trunk.fc = nn.Identity()
+    return trunk
+
+
+def make_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+    """Projection head: Linear-BN-ReLU-Linear, a single Linear when hidden_dim == 0, Identity when out_dim == 0."""
+    if out_dim == 0:
+        return nn.Identity()
+    if hidden_dim == 0:
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+class SwAVModel(nn.Module):
+    """Trunk, head and prototypes.
+
+    ``forward(views)`` takes a list of V view batches [(B, 3, H_v, W_v)] and returns
+    ``(embeddings, scores)``: (V*B, D) L2-normalised embeddings and (V*B, K) prototype scores, view-major.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = make_trunk(cfg.arch, small_stem=cfg.small_stem)
+        self.feature_dim = TRUNK_DIMS[cfg.arch]
+        self.head = make_head(self.feature_dim, cfg.hidden_dim, cfg.out_dim)
+        self.embed_dim = cfg.out_dim or self.feature_dim
+        self.prototypes = nn.Linear(self.embed_dim, cfg.n_prototypes, bias=False)
+        self.normalize_prototypes()
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """L2-normalise every prototype (row of the weight), in place."""
+        w = self.prototypes.weight
+        w.copy_(F.normalize(w.float(), dim=1).to(w.dtype))
+
+    def features(self, views: Sequence[Tensor]) -> Tensor:
+        """(V*B, F) trunk features; consecutive views of equal size share one trunk call."""
+        out: list[Tensor] = []
+        start = 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            batch = torch.cat(list(views[start:end])) if end - start > 1 else views[start]
+            out.append(self.trunk(batch))
+            start = end
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def forward(self, views: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        feats = self.features(views)  # (V*B, F)
+        emb = F.normalize(self.head(feats), dim=1)  # (V*B, D)
+        return emb, self.prototypes(emb)  # (V*B, D), (V*B, K)
