@@ -1,0 +1,208 @@
+"""The torchvision twin (augment/reference.py) and backend selection (augment/__init__.py)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import streamssl.augment as augment
+from streamssl.augment import make_multicrop
+from streamssl.augment.bench import synthetic_image
+from streamssl.augment.reference import (
+    MultiCropDataset,
+    TorchvisionMultiCrop,
+    collate_views,
+    decode_rgb,
+)
+from streamssl.augment.spec import CropGroup, MultiCropSpec
+from streamssl.config import AugmentConfig
+from streamssl.samples import Sample
+
+SMALL = MultiCropSpec(groups=(CropGroup(2, 48, 0.3, 1.0), CropGroup(3, 24, 0.05, 0.3)))
+
+
+def encode(pixels: np.ndarray, fmt: str = "JPEG", mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode=mode).save(buffer, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def jpegs(n: int, seed: int = 0, size: tuple[int, int] = (120, 90)) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    return [encode(synthetic_image(rng, *size)) for _ in range(n)]
+
+
+def truncated(jpeg: bytes) -> bytes:
+    return jpeg[: len(jpeg) // 2]
+
+
+def corrupt_huffman(jpeg: bytes) -> bytes:
+    """A JPEG whose header parses (PIL opens it, its size is known) but whose Huffman table is bogus."""
+    at = jpeg.find(b"\xff\xc4")
+    broken = bytearray(jpeg)
+    broken[at + 5:at + 21] = bytes([255] * 16)
+    return bytes(broken)
+
+
+def transcoded_16bit(gray: np.ndarray) -> bytes:
+    """A 16-bit grayscale PNG of ``gray`` (uint8, H x W), transcoded to 8-bit RGB as samples.py does."""
+    wide = io.BytesIO()
+    Image.fromarray(gray.astype(np.uint16) * 257).save(wide, format="PNG")
+    with Image.open(io.BytesIO(wide.getvalue())) as image:
+        assert image.mode.startswith("I")
+        eight = (np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8)
+    return encode(np.dstack([eight] * 3), "PNG")
+
+
+def unnormalise(view: torch.Tensor, spec: MultiCropSpec) -> torch.Tensor:
+    """(B, 3, S, S) normalised -> 0-255 scale."""
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return (view * std + mean) * 255
+
+
+def test_views_have_spec_shapes_and_order() -> None:
+    images = jpegs(5)
+    views, kept = TorchvisionMultiCrop(SMALL, 8)(images)
+    assert kept == [0, 1, 2, 3, 4]
+    assert [tuple(v.shape) for v in views] == [(5, 3, s, s) for s in SMALL.view_sizes]
+    assert all(v.dtype == torch.float32 for v in views)
+
+
+def test_constant_image_without_augmentation_is_exactly_normalised() -> None:
+    colour = np.array([200, 100, 30], dtype=np.uint8)
+    image = encode(np.broadcast_to(colour, (64, 80, 3)).copy(), "PNG")
+    spec = SMALL.without_augmentation()
+    views, _ = TorchvisionMultiCrop(spec, 2)([image])
+    expected = (torch.tensor(colour / 255.0) - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    for view in views:
+        assert torch.allclose(view[0].mean(dim=(1, 2)), expected.float(), atol=1e-3)
+        assert view.std(dim=(2, 3)).max() < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16->RGB"])
+def test_other_modes_decode_to_rgb(mode: str) -> None:
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 255, (40, 50), dtype=np.uint8)
+    if mode == "L":
+        data = encode(gray, "PNG")
+    elif mode == "RGBA":
+        data = encode(np.dstack([gray, gray, gray, np.full_like(gray, 128)]), "PNG")
+    else:  # what samples.py hands on for a 16-bit PNG: transcoded to an 8-bit RGB PNG
+        data = transcoded_16bit(gray)
+    decoded = decode_rgb(data)
+    assert decoded is not None and decoded.shape == (3, 40, 50) and decoded.dtype == torch.uint8
+    assert torch.equal(decoded[0], decoded[1]) and torch.equal(decoded[1], decoded[2])
+    views, kept = TorchvisionMultiCrop(SMALL.without_augmentation(), 1)([data])
+    assert kept == [0] and views[0].shape == (1, 3, 48, 48)
+    raw = unnormalise(views[0], SMALL)
+    assert (raw[:, 0] - raw[:, 1]).abs().max() < 0.05  # gray stays gray: channels equal before normalising
+
+
+def test_bad_inputs_are_dropped_and_counted() -> None:
+    good = jpegs(6)
+    batch: list = list(good)
+    batch[1] = truncated(good[1])
+    batch[3] = corrupt_huffman(good[3])
+    batch[4] = b"definitely not an image"
+    batch[5] = Sample("k5", good[5], "jpg", "shard", 5)
+    bad: list[str] = []
+    views, kept = TorchvisionMultiCrop(SMALL, 8, on_bad=bad.append)(batch)
+    assert kept == [0, 2, 5]
+    assert bad == ["decode_error"] * 3
+    assert all(v.shape[0] == 3 for v in views)
+
+
+def test_all_bad_batch_gives_empty_views() -> None:
+    bad: list[str] = []
+    views, kept = TorchvisionMultiCrop(SMALL, 4, on_bad=bad.append)([b"", b"xx", truncated(jpegs(1)[0])])
+    assert kept == [] and len(bad) == 3
+    assert [tuple(v.shape) for v in views] == [(0, 3, s, s) for s in SMALL.view_sizes]
+
+
+def test_seeded_and_leaves_global_rng_alone() -> None:
+    images = jpegs(3)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, _ = TorchvisionMultiCrop(SMALL, 4, seed=7)(images)
+    b, _ = TorchvisionMultiCrop(SMALL, 4, seed=7)(images)
+    c, _ = TorchvisionMultiCrop(SMALL, 4, seed=8)(images)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_colour_and_blur_change_the_views() -> None:
+    image = jpegs(1)
+    plain_spec = SMALL.without_augmentation()
+    plain, _ = TorchvisionMultiCrop(plain_spec, 1, seed=0)(image)
+    again, _ = TorchvisionMultiCrop(plain_spec, 1, seed=0)(image)
+    jittered, _ = TorchvisionMultiCrop(replace(plain_spec, jitter_p=1.0, blur_p=1.0), 1, seed=0)(image)
+    # The first view's crop is the first draw of the seeded stream in all three: only colour/blur differ.
+    assert torch.equal(plain[0], again[0])
+    assert (plain[0] - jittered[0]).abs().mean() > 0.05
+
+
+def test_dataloader_with_workers_collates_and_reports_drops() -> None:
+    items = jpegs(7)
+    items[2] = truncated(items[2])
+    loader = torch.utils.data.DataLoader(MultiCropDataset(items, SMALL), batch_size=4, num_workers=2,
+                                         collate_fn=collate_views, timeout=60)
+    kept_all, dropped_all = [], []
+    for views, kept, dropped in loader:
+        assert [tuple(v.shape) for v in views] == [(len(kept), 3, s, s) for s in SMALL.view_sizes]
+        kept_all += kept
+        dropped_all += dropped
+    assert sorted(kept_all) == [0, 1, 3, 4, 5, 6] and dropped_all == [2]
+
+
+def test_collate_of_only_bad_items() -> None:
+    assert collate_views([(0, None), (1, None)]) == ([], [], [0, 1])
+
+
+def test_make_multicrop_torchvision() -> None:
+    cfg = AugmentConfig(backend="torchvision", n_views=(1, 2), sizes=(32, 16), min_scale=(0.5, 0.1),
+                        max_scale=(1.0, 0.5))
+    multicrop = make_multicrop(cfg, 4)
+    assert isinstance(multicrop, TorchvisionMultiCrop)
+    views, kept = multicrop(jpegs(2))
+    assert kept == [0, 1] and [v.shape[-1] for v in views] == [32, 16, 16]
+
+
+def test_auto_falls_back_to_torchvision_once(monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali` raise ImportError
+    monkeypatch.setattr(augment, "_fallback_logged", False)
+    caplog.set_level(logging.INFO, logger="streamssl.augment")
+    first = make_multicrop(AugmentConfig(backend="auto"), 4)
+    second = make_multicrop(AugmentConfig(backend="auto"), 4)
+    assert isinstance(first, TorchvisionMultiCrop) and isinstance(second, TorchvisionMultiCrop)
+    said = [r for r in caplog.records if r.name == "streamssl.augment" and "torchvision" in r.getMessage()]
+    assert len(said) == 1
+
+
+def test_dali_backend_without_dali_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(RuntimeError, match=r"nvidia\.dali.*torchvision"):
+        make_multicrop(AugmentConfig(backend="dali"), 4)
+
+
+def test_bench_torchvision_on_shards(tmp_path) -> None:
+    import json
+
+    from streamssl.augment.bench import bench_augment, write_shards
+
+    pattern = write_shards(tmp_path, n_images=10, per_shard=5)
+    cfg = AugmentConfig(n_views=(1, 2), sizes=(32, 16), min_scale=(0.5, 0.1), max_scale=(1.0, 0.5))
+    result = bench_augment(pattern, "torchvision", 2, cfg, batch_size=4)
+    assert json.loads(json.dumps(result)) == result
+    assert result["backend"] == "torchvision" and result["batches"] == 2 and result["batch_size"] == 4
+    assert result["images"] == 8 and result["bad"] == {}  # 2 timed batches of 4, after the warm-up batch
+    assert result["images_per_s"] > 0 and result["views_per_s"] == pytest.approx(3 * result["images_per_s"], 0.01)
