@@ -1,0 +1,251 @@
+"""ops/: promtool on the live exposition, the Prometheus config, the alert rules and their unit tests; the
+Grafana dashboard and provisioning, docker-compose and the systemd unit read for consistency; and the drift
+guard: every streamssl_* name used anywhere in ops/ exists in the exposition of ``Metrics``."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from streamssl.config import MetricsConfig
+from streamssl.metrics import Metrics
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parent.parent
+OPS = ROOT / "ops"
+PROM = OPS / "prometheus"
+DASHBOARD = OPS / "grafana" / "streamssl-dashboard.json"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian: apt-get install "
+                                    "prometheus)")
+METRIC_NAME = re.compile(r"\bstreamssl_[a-z0-9_]*[a-z0-9]")
+
+
+def exposition() -> str:
+    """The text exposition of a Metrics instance with every method called once (histograms filled)."""
+    registry = CollectorRegistry()
+    m = Metrics(registry, arch="resnet18")
+    m.observe_step(n_images=64, loss=7.5, lr=0.002, code_entropy=3.9, n_prototypes_in_use=57, queue_fill=0.25,
+                   step_s=0.4, data_wait_s=0.05, sinkhorn_s=0.002, skipped=False)
+    m.set_data_wait_share(0.1)
+    m.bad_sample("corrupt")
+    m.shard_done()
+    m.store_result(False, lag_steps=50)
+    m.prototype_drift(0.01)
+    m.checkpoint_written(1.7e9)
+    m.probe_accuracy(0.5)
+    m.collapse(False)
+    return generate_latest(registry).decode()
+
+
+def exposed_names(text: str) -> set[str]:
+    """Sample names (with _total/_created/_bucket/_sum/_count suffixes) and family names of an exposition."""
+    names = {line.split()[2] for line in text.splitlines() if line.startswith(("# HELP ", "# TYPE "))}
+    names |= {re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line).group(0)  # type: ignore[union-attr]
+              for line in text.splitlines() if line and not line.startswith("#")}
+    return names
+
+
+def unknown_names(text: str, known: set[str]) -> set[str]:
+    return set(METRIC_NAME.findall(text)) - known
+
+
+def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run([PROMTOOL, *args], input=stdin, cwd=PROM, capture_output=True, text=True, timeout=120)
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+# -- promtool ----------------------------------------------------------------------------------------------
+
+
+@needs_promtool
+def test_promtool_check_metrics_on_the_live_exposition() -> None:
+    result = promtool("check", "metrics", stdin=exposition())
+    assert result.returncode == 0, result.stdout + result.stderr  # lint findings exit non-zero too
+
+
+@needs_promtool
+def test_promtool_check_metrics_would_catch_a_bad_name() -> None:
+    bad = "# HELP streamssl_learner_steps counter without _total\n# TYPE streamssl_learner_steps counter\n" \
+          "streamssl_learner_steps 1\n"
+    assert promtool("check", "metrics", stdin=bad).returncode != 0
+
+
+@needs_promtool
+def test_promtool_check_config() -> None:
+    result = promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout
+
+
+@needs_promtool
+def test_promtool_check_rules() -> None:
+    result = promtool("check", "rules", "alerts.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_test_rules() -> None:
+    result = promtool("test", "rules", "alerts_test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+# -- alert rules and their tests ---------------------------------------------------------------------------
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in load_yaml(PROM / "alerts.yml")["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def test_every_alert_has_for_severity_summary_and_description() -> None:
+    rules = alert_rules()
+    assert {"StreamsslStalled", "StreamsslNonFiniteSteps", "StreamsslCollapse", "StreamsslStoreFailing",
+            "StreamsslCheckpointTooOld"} <= {r["alert"] for r in rules}
+    for rule in rules:
+        assert re.fullmatch(r"\d+[smh]", str(rule.get("for", ""))), rule["alert"]
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+
+
+def test_every_alert_is_tested_firing_and_not_firing() -> None:
+    cases = [case for test in load_yaml(PROM / "alerts_test.yml")["tests"] for case in test["alert_rule_test"]]
+    for rule in alert_rules():
+        mine = [c for c in cases if c["alertname"] == rule["alert"]]
+        assert any(c["exp_alerts"] for c in mine), f"{rule['alert']}: no test where it fires"
+        assert any(not c["exp_alerts"] for c in mine), f"{rule['alert']}: no test where it must not fire"
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    readme = (OPS / "README.md").read_text()
+    for rule in alert_rules():
+        assert re.search(rf"^### .*\b{rule['alert']}\b", readme, re.MULTILINE), rule["alert"]
+
+
+# -- Grafana -----------------------------------------------------------------------------------------------
+
+
+def test_dashboard_panels_have_a_datasource_and_targets() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert 36 <= dash["schemaVersion"] <= 41
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["instance"]["datasource"]["uid"] == "${datasource}"
+    panels = dash["panels"]
+    assert len({p["id"] for p in panels}) == len(panels) >= 12
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], f"{panel['title']}: no target"
+        for target in panel["targets"]:
+            assert target["expr"].strip() and target["refId"], panel["title"]
+            assert target.get("datasource", panel["datasource"])["uid"] == "${datasource}"
+            assert 'instance=~"$instance"' in target["expr"], f"{panel['title']}: ignores the instance variable"
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("throughput", "data-wait", "loss", "learning rate", "entropy", "queue", "bad samples", "store",
+                  "checkpoint age", "probe", "skipped", "collapse"):
+        assert topic in titles, topic
+
+
+def test_grafana_provisioning_matches_compose() -> None:
+    datasources = load_yaml(OPS / "grafana/provisioning/datasources/prometheus.yml")["datasources"]
+    assert [d["type"] for d in datasources] == ["prometheus"]
+    assert datasources[0]["url"] == "http://prometheus:9090"
+    provider = load_yaml(OPS / "grafana/provisioning/dashboards/streamssl.yml")["providers"][0]
+    grafana = load_yaml(OPS / "docker-compose.yml")["services"]["grafana"]
+    mounts = dict(v.split(":")[:2] for v in grafana["volumes"] if v.startswith("./"))
+    assert mounts["./grafana/streamssl-dashboard.json"].startswith(provider["options"]["path"].rstrip("/") + "/")
+    assert mounts["./grafana/provisioning/datasources"] == "/etc/grafana/provisioning/datasources"
+    assert mounts["./grafana/provisioning/dashboards"] == "/etc/grafana/provisioning/dashboards"
+
+
+# -- docker-compose ----------------------------------------------------------------------------------------
+
+
+def test_compose_stack() -> None:
+    services = load_yaml(OPS / "docker-compose.yml")["services"]
+    assert set(services) == {"redis", "prometheus", "grafana", "streamssl"}
+    app = services["streamssl"]
+    assert (OPS / app["build"]["context"] / app["build"].get("dockerfile", "Dockerfile")).resolve() == \
+        ROOT / "Dockerfile"
+    assert app["command"] == ["run", "--config", "cpu-small", "--set", "store.url=redis://redis:6379/0",
+                              "--set", "metrics.host=0.0.0.0"]
+    assert app["depends_on"]["redis"]["condition"] == "service_healthy"
+    for name, service in services.items():  # every bind mount exists; host ports bind to loopback
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (OPS / source).exists(), f"{name}: {source}"
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name}: {port}"
+    # Prometheus resolves rule_files relative to its config: both files must land in the same folder.
+    prom_mounts = dict(v.split(":")[:2] for v in services["prometheus"]["volumes"] if v.startswith("./"))
+    config_target = Path(prom_mounts["./prometheus/prometheus.yml"])
+    for rule_file in load_yaml(PROM / "prometheus.yml")["rule_files"]:
+        assert str(config_target.parent / rule_file) in prom_mounts.values(), rule_file
+    assert f"--config.file={config_target}" in services["prometheus"]["command"]
+
+
+def test_scrape_target_is_the_compose_service_on_the_default_port() -> None:
+    jobs = {j["job_name"]: j for j in load_yaml(PROM / "prometheus.yml")["scrape_configs"]}
+    targets = [t for c in jobs["streamssl"]["static_configs"] for t in c["targets"]]
+    assert targets == [f"streamssl:{MetricsConfig().port}"]
+    assert jobs["streamssl"].get("metrics_path", "/metrics") == "/metrics"
+
+
+# -- systemd -----------------------------------------------------------------------------------------------
+
+
+def test_systemd_unit() -> None:
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+    unit.read_string((OPS / "systemd/streamssl.service").read_text())
+    service = unit["Service"]
+    assert service["ExecStart"].startswith("/opt/streamssl/.venv/bin/streamssl run --config ")
+    assert service["User"] not in ("", "root")
+    assert service["Restart"] == "on-failure"
+    assert service["KillSignal"] == "SIGTERM"
+    assert int(service["TimeoutStopSec"]) >= 120  # a step plus a checkpoint write
+    assert service["EnvironmentFile"] == "-/etc/streamssl/env"
+    assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
+    assert service["ReadWritePaths"]
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+# -- drift guard -------------------------------------------------------------------------------------------
+
+
+def ops_files() -> list[Path]:
+    return [p for p in sorted(OPS.rglob("*")) if p.is_file()]
+
+
+def test_every_metric_name_in_ops_exists_in_the_code() -> None:
+    known = exposed_names(exposition())
+    assert "streamssl_learner_step_seconds_bucket" in known and "streamssl_source_shards_total" in known
+    referenced: dict[str, set[str]] = {}
+    for path in ops_files():
+        for name in unknown_names(path.read_text(), set()):
+            referenced.setdefault(name, set()).add(str(path.relative_to(OPS)))
+    # The guard sees the files that matter.
+    seen_in = {f for files in referenced.values() for f in files}
+    assert {"grafana/streamssl-dashboard.json", "prometheus/alerts.yml", "prometheus/alerts_test.yml"} <= seen_in
+    unknown = {name: sorted(files) for name, files in referenced.items() if name not in known}
+    assert not unknown, f"metric names used in ops/ that the code does not expose: {unknown}"
+
+
+def test_drift_guard_catches_a_renamed_metric() -> None:
+    known = exposed_names(exposition())
+    expr = 'rate(streamssl_learner_images_total[5m]) + streamssl_learner_imgs_total + streamssl_store_lag_steps'
+    assert unknown_names(expr, known) == {"streamssl_learner_imgs_total"}
