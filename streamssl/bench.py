@@ -1,0 +1,113 @@
+"""Benchmarks of the learner on pre-made tensors: figures printed on demand, never asserted in tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import signal
+import statistics
+import tempfile
+import threading
+import time
+from typing import Any
+
+import torch
+
+from streamssl.config import Config
+from streamssl.learner import OnlineSwAV, pick_device
+
+
+def bench_learner(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+    """Time ``steps`` learner steps (after ``warmup`` untimed ones) on random views of the configured shapes.
+
+    Returns a JSON-able dict: step time, images/s and the share of the step spent in SwAV's own parts
+    (Sinkhorn with the queue's scores, queue push, prototype normalisation, loss) next to the network.
+    """
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device = pick_device(cfg.run.device)
+    learner = OnlineSwAV(cfg.model, cfg.learner, device=device)
+    batch = cfg.learner.batch_size
+    generator = torch.Generator().manual_seed(0)
+    views = [torch.randn(batch, 3, size, size, generator=generator)
+             for size, count in zip(cfg.augment.sizes, cfg.augment.n_views, strict=True) for _ in range(count)]
+    if learner.queue is not None:  # measure the steady state: a full queue taking part in Sinkhorn
+        learner.queue.start_step = 0
+        learner.queue.filled = learner.queue.length
+        learner.queue.rows.copy_(torch.nn.functional.normalize(torch.randn_like(learner.queue.rows), dim=2))
+    for _ in range(warmup):
+        learner.step(views)
+    stats = [learner.step(views) for _ in range(steps)]
+    total = statistics.fmean(s.total_s for s in stats)
+
+    def mean(name: str) -> float:
+        return statistics.fmean(getattr(s, name) for s in stats)
+
+    swav = statistics.fmean(s.swav_s for s in stats)
+    return {
+        "benchmark": "learner",
+        "device": str(device), "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "arch": cfg.model.arch, "batch_size": batch, "views": [list(cfg.augment.n_views), list(cfg.augment.sizes)],
+        "n_prototypes": cfg.model.n_prototypes, "queue_length": cfg.learner.queue_length,
+        "embed_dim": learner.model.embed_dim, "bf16": cfg.learner.bf16, "channels_last": cfg.model.channels_last,
+        "steps": steps, "step_s": round(total, 4), "images_per_s": round(batch / total, 2),
+        "swav_share": round(swav / total, 5),
+        "breakdown_s": {name: round(mean(name), 5) for name in
+                        ("trunk_s", "sinkhorn_s", "loss_s", "queue_s", "normalize_s", "optim_s")},
+        "queue_used": stats[-1].queue_used,
+    }
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process now (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def bench_run(cfg: Config, *, steps: int = 20, warmup: int = 5, minutes: float = 0.0) -> dict[str, Any]:
+    """The daemon's images/s on its real data path beside the learner's compute-bound images/s on pre-made
+    tensors, and their ratio (1.0: the data path costs the learner nothing). With ``minutes`` the daemon runs
+    that long instead of ``steps`` and the resident memory is sampled, to show growth after warm-up."""
+    from streamssl.daemon import Daemon
+
+    compute = bench_learner(cfg, steps=max(3, min(steps, 10)), warmup=2)
+    marks: list[tuple[float, int]] = []  # (time, RSS) after each step
+
+    def on_line(line: str) -> None:
+        if line.startswith("step "):
+            marks.append((time.monotonic(), _rss_bytes()))
+
+    with tempfile.TemporaryDirectory(prefix="streamssl-bench-") as tmp:
+        run = dataclasses.replace(cfg.run, log_every_steps=1,
+                                  max_steps=0 if minutes else warmup + steps)
+        daemon_cfg = dataclasses.replace(
+            cfg, run=run, metrics=dataclasses.replace(cfg.metrics, port=-1),
+            checkpoint=dataclasses.replace(cfg.checkpoint, dir=tmp, every_steps=10**9, every_s=10**9, resume=False),
+            store=dataclasses.replace(cfg.store, url=""))
+        daemon = Daemon(daemon_cfg, echo=on_line)
+        if minutes:
+            timer = threading.Timer(minutes * 60, lambda: os.kill(os.getpid(), signal.SIGINT))
+            timer.start()
+        try:
+            daemon.run()
+        finally:
+            if minutes:
+                timer.cancel()
+    timed = marks[warmup:]
+    if len(timed) < 2:
+        raise RuntimeError(f"the daemon made {len(marks)} steps; need more than warmup + 1")
+    daemon_ips = (len(timed) - 1) * cfg.learner.batch_size / (timed[-1][0] - timed[0][0])
+    rss_warm, rss_peak = timed[0][1], max(r for _, r in timed)
+    return {
+        "benchmark": "run", "arch": cfg.model.arch, "batch_size": cfg.learner.batch_size,
+        "backend": cfg.augment.backend, "steps_timed": len(timed) - 1,
+        "seconds": round(timed[-1][0] - timed[0][0], 1),
+        "daemon_images_per_s": round(daemon_ips, 2), "learner_images_per_s": compute["images_per_s"],
+        "ratio": round(daemon_ips / compute["images_per_s"], 3),
+        "rss_after_warmup_mb": round(rss_warm / 2**20, 1), "rss_peak_mb": round(rss_peak / 2**20, 1),
+        "rss_growth": round(rss_peak / rss_warm - 1, 4) if rss_warm else None,
+    }

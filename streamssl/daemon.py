@@ -1,0 +1,471 @@
+"""The long-running service: shards in, SwAV steps out, state kept safe, health visible.
+
+Wires the stages of DESIGN.md:
+
+    source -> samples -> augment      (a feeder thread: full batches of views, each tagged with the stream
+                                       position after it, prefetched so the learner never waits when the
+                                       data path is faster than the model)
+    learner                           (the main thread: one SwAV step per batch)
+    store, checkpoint, metrics        (cadences owned here: prototypes every N steps, checkpoints every N
+                                       steps or T seconds, heartbeats, one progress line per interval)
+
+Signals: SIGTERM/SIGINT finish the current step, write a checkpoint and the prototypes, ack the shards the
+checkpoint covers, and exit 0; a second signal exits at once. The position saved with a checkpoint is the one
+after the last *trained* batch, so prefetched batches are read again after a restart (at least once).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+from torch import Tensor
+
+from streamssl.augment import make_multicrop
+from streamssl.checkpoint import CheckpointManager, rng_state, set_rng_state
+from streamssl.collapse import Action, CollapseMonitor, max_code_entropy
+from streamssl.config import Config
+from streamssl.learner import OnlineSwAV, StepStats, pick_device
+from streamssl.metrics import Metrics, MetricsServer
+from streamssl.probe import LiveProbe
+from streamssl.samples import SampleStream
+from streamssl.source import make_source
+from streamssl.store import BackgroundWriter, open_store
+
+log = logging.getLogger("streamssl.daemon")
+
+
+def format_progress(stats: StepStats, images_per_s: float, wait_share: float, n_prototypes: int) -> str:
+    """One concise progress line."""
+    return (f"step {stats.step:>7} | {images_per_s:7.1f} img/s | loss {stats.loss:6.3f} | lr {stats.lr:.2e} | "
+            f"code entropy {stats.code_entropy:5.2f} | prototypes in use {stats.n_prototypes_in_use:>4}/"
+            f"{n_prototypes} | queue {stats.queue_fill:4.0%} | data wait {wait_share:4.0%}")
+
+
+@dataclass
+class Batch:
+    """A full batch of views and the stream position right after its last sample."""
+
+    views: list[Tensor]
+    position: dict[str, Any] | None = None
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    images: int
+    seconds: float
+    last_loss: float
+    skipped_steps: int
+    stopped_by_signal: bool
+    checkpoint: str | None = None
+    bad_samples: dict[str, int] = field(default_factory=dict)
+
+
+_END = object()  # the feeder's "stream ended" marker
+
+
+class History:
+    """The run's own record: one JSON line per progress line, appended to ``history.jsonl`` in the run folder
+    (``streamssl report`` draws it). Survives restarts: a resumed run appends."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = None
+
+    def write(self, stats: StepStats, **extra: float) -> None:
+        record = {"time": round(time.time(), 3), "step": stats.step, "loss": stats.loss, "lr": stats.lr,
+                  "code_entropy": stats.code_entropy, "prototypes_in_use": stats.n_prototypes_in_use,
+                  "queue_fill": stats.queue_fill, **extra}
+        self.event(record)
+
+    def event(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
+        self._file.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
+                         + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class Feeder(threading.Thread):
+    """Producer thread: samples -> multi-crop -> full batches, into a bounded queue.
+
+    A multi-crop call may drop undecodable samples; the feeder tops the batch up with more samples so the
+    learner always gets exactly ``batch_size`` images (a final partial batch of a finite stream is passed on
+    when it has at least 2 images).
+    """
+
+    def __init__(self, stream: SampleStream, multicrop: Callable, batch_size: int, prefetch: int) -> None:
+        super().__init__(name="streamssl-feeder", daemon=True)
+        self.stream = stream
+        self.multicrop = multicrop
+        self.batch_size = batch_size
+        self.out: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.stream.close()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop_event.is_set():
+            try:
+                self.out.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self) -> None:
+        try:
+            samples = iter(self.stream)
+            exhausted = False
+            while not self._stop_event.is_set() and not exhausted:
+                parts: list[list[Tensor]] = []
+                have = 0
+                while have < self.batch_size and not self._stop_event.is_set():
+                    chunk = []
+                    for sample in samples:
+                        chunk.append(sample.data)
+                        if len(chunk) == self.batch_size - have:
+                            break
+                    else:
+                        exhausted = True
+                    if chunk:
+                        views, kept = self.multicrop(chunk)
+                        if kept:
+                            parts.append(views)
+                            have += len(kept)
+                    if exhausted:
+                        break
+                if self._stop_event.is_set() or have < 2:
+                    break
+                views = [torch.cat(group) for group in zip(*parts, strict=True)] if len(parts) > 1 else parts[0]
+                if not self._put(Batch(views, self.stream.state_dict())):
+                    break
+        except BaseException as exc:  # surfaced in the main thread
+            self.error = exc
+            log.exception("data feeder failed")
+        finally:
+            self._put(_END)
+
+
+class Daemon:
+    """Streams shards through the learner until a limit or a signal, keeping state safe and visible.
+
+    Args:
+        cfg: the resolved configuration.
+        registry: Prometheus registry for this run (a fresh one by default).
+        views: an iterator of view batches that replaces the whole data path (tests, benchmarks).
+        echo: where progress lines go.
+    """
+
+    def __init__(self, cfg: Config, *, registry: CollectorRegistry | None = None,
+                 views: Iterator[list[Tensor]] | None = None, echo: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.echo = echo
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.device = pick_device(cfg.run.device)
+        self.learner = OnlineSwAV(cfg.model, cfg.learner, device=self.device)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry, arch=cfg.model.arch)
+        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
+        self.learner_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.store = open_store(cfg.store, local_dir=os.path.join(cfg.checkpoint.dir, "store"),
+                                writer=self.learner_id)
+        self.writer = BackgroundWriter(self.store, on_result=self._on_store_result,
+                                       max_backoff_s=cfg.store.retry_max_s)
+        self.bad = Counter[str]()
+        self._views = views
+        self.stream: SampleStream | None = None
+        self.feeder: Feeder | None = None
+        self.images = 0
+        self.position: dict[str, Any] | None = None
+        self.server: MetricsServer | None = None
+        self._signals = 0
+        self._last_ckpt_time = time.monotonic()
+        self._last_ckpt_step = -1
+        self._last_ckpt_path: str | None = None
+        self._last_heartbeat = 0.0
+        self._published: Tensor | None = None
+        self.history = History(os.path.join(cfg.checkpoint.dir, "history.jsonl"))
+        self.monitor = CollapseMonitor(cfg.collapse, max_code_entropy(
+            cfg.learner.batch_size, len(cfg.learner.crops_for_assign), cfg.model.n_prototypes))
+        self._snapshot: dict[str, Any] | None = None
+        self.probe: LiveProbe | None = None
+        if cfg.probe.dataset:
+            self.probe = LiveProbe(cfg.probe, size=cfg.augment.sizes[0], mean=cfg.augment.mean,
+                                   std=cfg.augment.std, device=self.device)
+
+    # ------------------------------------------------------------------ wiring
+
+    def _on_store_result(self, ok: bool, seconds: float) -> None:
+        self.metrics.store_result(ok, self.writer.lag_steps)
+
+    def _on_bad(self, reason: str) -> None:
+        self.bad[reason] += 1
+        self.metrics.bad_sample(reason)
+
+    def _data(self) -> Iterator[Batch]:
+        if self._views is not None:
+            return (Batch(v) for v in self._views)
+        cfg = self.cfg
+        source_cfg = cfg.source
+        if not source_cfg.urls:
+            from streamssl.demo import demo_shards
+
+            pattern = demo_shards(os.path.join(cfg.checkpoint.dir, "demo-shards"))
+            source_cfg = type(source_cfg)(**{**source_cfg.__dict__, "urls": (pattern,), "cycle": True})
+            self.echo(f"no source.urls: streaming the embedded demo images ({pattern}), cycled")
+        self.stream = SampleStream(make_source(source_cfg), source_cfg, on_bad=self._on_bad, defer_ack=True,
+                                   ack=self._ack)
+        if self.position is not None:
+            self.stream.load_state_dict(self.position)
+        device = "cuda" if self.device.type == "cuda" else "cpu"
+        multicrop = make_multicrop(cfg.augment, cfg.learner.batch_size, device=device, on_bad=self._on_bad)
+        self.feeder = Feeder(self.stream, multicrop, cfg.learner.batch_size, cfg.augment.prefetch)
+        self.feeder.start()
+        return self._drain(self.feeder)
+
+    def _ack(self, url: str) -> None:
+        assert self.stream is not None
+        self.stream.source.mark_done(url)
+        self.metrics.shard_done()
+
+    def _drain(self, feeder: Feeder) -> Iterator[Batch]:
+        while True:
+            try:
+                item = feeder.out.get(timeout=0.5)
+            except queue.Empty:
+                if self._signals:
+                    return
+                continue
+            if item is _END:
+                if feeder.error is not None:
+                    raise RuntimeError("the data feeder stopped on an error") from feeder.error
+                return
+            yield item
+
+    # ------------------------------------------------------------------ state
+
+    def restore(self) -> bool:
+        """Resume from the newest checkpoint in checkpoint.dir (when resume is on). True when it did."""
+        if not self.cfg.checkpoint.resume:
+            return False
+        state = self.checkpoints.load(map_location=self.device)
+        if state is None:
+            return False
+        try:
+            self.learner.load_state_dict(state["learner"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise RuntimeError(f"the checkpoint {state['path']} does not fit the configured model ({exc}); "
+                               "resume it with the configuration it was written with (stored inside it), "
+                               "or start fresh with another checkpoint.dir or checkpoint.resume=false") from None
+        set_rng_state(state["rng"])
+        self.position = state.get("position")
+        self.images = int(state.get("images", 0))
+        self._last_ckpt_step = self.learner.step_count
+        self._last_ckpt_path = state["path"]
+        self.metrics.checkpoint_written(float(state.get("saved_at", time.time())))
+        self.echo(f"resumed from {state['path']} at step {self.learner.step_count} ({self.images} images)")
+        return True
+
+    def checkpoint(self) -> str:
+        """Write a checkpoint of everything, then ack the shards it covers."""
+        path = self.checkpoints.save({
+            "learner": self.learner.state_dict(), "rng": rng_state(), "position": self.position,
+            "images": self.images, "config": self.cfg.to_dict(),
+        }, self.learner.step_count)
+        if self.stream is not None and self.position is not None:
+            self.stream.commit(self.position)
+        self._last_ckpt_time, self._last_ckpt_step, self._last_ckpt_path = (
+            time.monotonic(), self.learner.step_count, str(path))
+        self.metrics.checkpoint_written(time.time())
+        self.writer.record_checkpoint({"path": str(path), "step": self.learner.step_count, "time": time.time()})
+        return str(path)
+
+    def publish_prototypes(self) -> None:
+        protos = self.learner.model.prototypes.weight.detach().float().cpu()
+        if self._published is not None:
+            drift = 1 - torch.nn.functional.cosine_similarity(protos, self._published, dim=1).mean()
+            self.metrics.prototype_drift(float(drift))
+        self._published = protos.clone()
+        self.writer.submit(protos.numpy(), self.learner.step_count)
+
+    def heartbeat(self, stats: StepStats | None) -> None:
+        info: dict[str, str | int | float] = {"step": self.learner.step_count, "images": self.images,
+                                               "pid": os.getpid(), "host": socket.gethostname()}
+        if stats is not None and math.isfinite(stats.loss):
+            info["loss"] = round(stats.loss, 4)
+        self.writer.heartbeat(self.learner_id, info, self.cfg.store.heartbeat_ttl_s)
+        self._last_heartbeat = time.monotonic()
+
+    def watch_collapse(self, stats: StepStats) -> None:
+        """Snapshot while healthy; on collapse roll back and start a recovery (collapse.py explains it)."""
+        action = self.monitor.update(stats.step, stats.code_entropy)
+        learner, cfg = self.learner, self.cfg
+        if action is Action.SNAPSHOT:
+            self._snapshot = copy.deepcopy(learner.state_dict())
+        elif action is Action.RECOVER:
+            collapsed_at = learner.step_count
+            if self._snapshot is not None:
+                learner.load_state_dict(copy.deepcopy(self._snapshot))
+            learner.frozen_until = learner.step_count + cfg.collapse.recovery_steps
+            learner.epsilon = cfg.learner.epsilon * cfg.collapse.epsilon_factor
+            self.monitor.start_recovery(learner.step_count)
+            self.metrics.collapse(True)
+            self.metrics.collapse_recovered()
+            self.history.event({"time": round(time.time(), 3), "event": "collapse", "step": collapsed_at,
+                                "rolled_back_to": learner.step_count, "code_entropy": stats.code_entropy})
+            log.warning("collapse at step %d (code entropy %.3f for %d steps): rolled back to step %d, prototypes "
+                        "frozen and eps %.3f for %d steps", collapsed_at, stats.code_entropy,
+                        cfg.collapse.patience_steps, learner.step_count, learner.epsilon,
+                        cfg.collapse.recovery_steps)
+        elif action is Action.RECOVERED:
+            learner.epsilon = cfg.learner.epsilon
+            self.metrics.collapse(False)
+            self.history.event({"time": round(time.time(), 3), "event": "recovered", "step": learner.step_count})
+            log.info("collapse recovery over at step %d; eps back to %.3f", learner.step_count, learner.epsilon)
+
+    def run_probe(self) -> None:
+        assert self.probe is not None
+        result = self.probe.measure(self.learner.model.trunk)
+        if result is None:
+            return
+        top1, seconds = result
+        self.metrics.probe_accuracy(top1, seconds)
+        self.history.event({"time": round(time.time(), 3), "event": "probe", "step": self.learner.step_count,
+                            "probe_top1": top1, "probe_seconds": round(seconds, 3)})
+        self.echo(f"probe   {self.learner.step_count:>7} | kNN top-1 {top1:.3f} on {len(self.probe.test_y)} images "
+                  f"({seconds:.1f} s)")
+
+    # ------------------------------------------------------------------ loop
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting now, without a final checkpoint")
+            os._exit(128 + signum)
+        log.warning("signal %s: finishing the current step, then checkpointing and stopping "
+                    "(send it again to exit at once)", signal.Signals(signum).name)
+        if self.feeder is not None:
+            self.feeder.stop()
+
+    def _start_server(self) -> None:
+        if self.cfg.metrics.port < 0:
+            return
+        try:
+            self.server = MetricsServer(self.metrics, self.registry, host=self.cfg.metrics.host,
+                                        port=self.cfg.metrics.port, stall_s=self.cfg.metrics.stall_s)
+        except OSError as exc:
+            raise RuntimeError(f"cannot serve metrics on {self.cfg.metrics.host}:{self.cfg.metrics.port} ({exc}); "
+                               "another run may hold the port: set metrics.port=0 for a free one, or -1 for "
+                               "none") from None
+        self.echo(f"metrics on http://{self.cfg.metrics.host}:{self.server.port}/metrics "
+                  f"(health: /healthz)")
+
+    def run(self) -> RunSummary:
+        cfg = self.cfg
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+        start = time.monotonic()
+        stats: StepStats | None = None
+        n_images_run = 0
+        try:
+            self.restore()
+            self._start_server()
+            self.heartbeat(None)
+            data = self._data()
+            window_images, window_wait, window_start = 0, 0.0, time.monotonic()
+            while not self._signals:
+                if cfg.run.max_steps and self.learner.step_count >= cfg.run.max_steps:
+                    break
+                if cfg.run.max_images and self.images >= cfg.run.max_images:
+                    break
+                if cfg.run.max_seconds and time.monotonic() - start >= cfg.run.max_seconds:
+                    break
+                t = time.monotonic()
+                batch = next(data, None)
+                wait_s = time.monotonic() - t
+                if batch is None:
+                    break
+                stats = self.learner.step(batch.views)
+                if batch.position is not None:
+                    self.position = batch.position
+                self.images += stats.n_images
+                n_images_run += stats.n_images
+                window_images += stats.n_images
+                window_wait += wait_s
+                self.metrics.observe_step(n_images=stats.n_images, loss=stats.loss, lr=stats.lr,
+                                          code_entropy=stats.code_entropy,
+                                          n_prototypes_in_use=stats.n_prototypes_in_use,
+                                          queue_fill=stats.queue_fill, step_s=stats.total_s, data_wait_s=wait_s,
+                                          sinkhorn_s=stats.sinkhorn_s, skipped=stats.skipped)
+                step = stats.step
+                if not stats.skipped and step % cfg.run.log_every_steps == 0:
+                    elapsed = time.monotonic() - window_start
+                    self.metrics.set_data_wait_share(window_wait / elapsed)
+                    self.echo(format_progress(stats, window_images / elapsed, window_wait / elapsed,
+                                              cfg.model.n_prototypes))
+                    self.history.write(stats, images=self.images, images_per_s=window_images / elapsed,
+                                       data_wait=window_wait / elapsed)
+                    window_images, window_wait, window_start = 0, 0.0, time.monotonic()
+                if not stats.skipped:
+                    self.watch_collapse(stats)
+                if self.probe is not None and not stats.skipped and step % cfg.probe.every_steps == 0:
+                    self.run_probe()
+                if not stats.skipped and step % cfg.store.every_steps == 0:
+                    self.publish_prototypes()
+                if time.monotonic() - self._last_heartbeat > cfg.store.heartbeat_ttl_s / 3:
+                    self.heartbeat(stats)
+                if step != self._last_ckpt_step and (step % cfg.checkpoint.every_steps == 0 or
+                                                     time.monotonic() - self._last_ckpt_time > cfg.checkpoint.every_s):
+                    self.checkpoint()
+        finally:
+            if self.feeder is not None:
+                self.feeder.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        # a clean stop: checkpoint, prototypes, acks, then let go of the resources
+        path = self._last_ckpt_path
+        if self.learner.step_count != self._last_ckpt_step:
+            path = self.checkpoint()
+        self.publish_prototypes()
+        self.heartbeat(stats)
+        if not self.writer.flush(timeout_s=10.0):
+            log.warning("the prototype store did not take the final prototypes within 10 s")
+        self.close()
+        return RunSummary(steps=self.learner.step_count, images=n_images_run, seconds=time.monotonic() - start,
+                          last_loss=stats.loss if stats else math.nan, skipped_steps=self.learner.n_skipped,
+                          stopped_by_signal=bool(self._signals), checkpoint=path, bad_samples=dict(self.bad))
+
+    def close(self) -> None:
+        if self.feeder is not None:
+            self.feeder.stop()
+            self.feeder.join(timeout=10)
+        self.writer.close()
+        self.history.close()
+        if self.server is not None:
+            self.server.close()

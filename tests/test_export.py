@@ -1,0 +1,79 @@
+"""Export: the torchvision state dict loads strictly into plain torchvision and gives streamssl's features;
+TorchScript and ONNX give them too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from streamssl.checkpoint import CheckpointManager, rng_state
+from streamssl.config import resolve
+from streamssl.eval import load_trunk
+from streamssl.export import export, torchvision_model
+from streamssl.learner import OnlineSwAV
+from streamssl.synthetic import view_stream
+
+
+def make_checkpoint(folder: Path, small_stem: bool) -> Path:
+    cfg = resolve(None, environ={}, overrides=[
+        "model.arch=resnet18", f"model.small_stem={str(small_stem).lower()}", "augment.sizes=[32,16]",
+        "model.n_prototypes=16", "model.hidden_dim=32", "model.out_dim=16", "learner.batch_size=8",
+        "learner.optimizer=sgd", "learner.base_lr=0.1", "learner.warmup_steps=0"])
+    learner = OnlineSwAV(cfg.model, cfg.learner)
+    views = view_stream(8, (32, 16), (2, 6))
+    for _ in range(2):  # trained a little, so BN statistics are not the defaults
+        learner.step(next(views))
+    return CheckpointManager(folder).save({"learner": learner.state_dict(), "config": cfg.to_dict(),
+                                           "rng": rng_state()}, learner.step_count)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("small_stem", [False, True])
+def test_torchvision_export_loads_strictly_and_matches(tmp_path: Path, small_stem: bool,
+                                                       images: torch.Tensor) -> None:
+    ckpt = make_checkpoint(tmp_path, small_stem)
+    out = tmp_path / "resnet18.pth"
+    meta = export(ckpt, "torchvision", out)
+    assert json.loads(Path(f"{out}.json").read_text()) == meta
+    state = torch.load(out, weights_only=True)
+    model = torchvision.models.resnet18() if not small_stem else torchvision_model(meta)
+    model.load_state_dict(state, strict=True)
+    assert torch.count_nonzero(model.fc.weight) == 0  # SwAV trains no classifier
+    model.fc = nn.Identity()
+    trunk, _ = load_trunk(ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), trunk(images), atol=1e-5, rtol=1e-4)
+
+
+def test_torchscript_export_matches(tmp_path: Path, images: torch.Tensor) -> None:
+    ckpt = make_checkpoint(tmp_path, small_stem=True)
+    export(ckpt, "torchscript", tmp_path / "trunk.pt")
+    scripted = torch.jit.load(str(tmp_path / "trunk.pt"))
+    trunk, _ = load_trunk(ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(images), trunk(images), atol=1e-5, rtol=1e-4)
+
+
+def test_onnx_export_matches(tmp_path: Path, images: torch.Tensor) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    ckpt = make_checkpoint(tmp_path, small_stem=False)
+    export(ckpt, "onnx", tmp_path / "trunk.onnx")
+    session = ort.InferenceSession(str(tmp_path / "trunk.onnx"), providers=["CPUExecutionProvider"])
+    (features,) = session.run(None, {"images": images.numpy()})
+    trunk, _ = load_trunk(ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(features), trunk(images), atol=1e-4, rtol=1e-3)
+
+
+def test_unknown_format(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown format"):
+        export(tmp_path / "x.pt", "tflite", tmp_path / "out")
