@@ -1,0 +1,236 @@
+"""Baseline for the quality benchmark: lightly's SwaV in a plain PyTorch loop, for a wall-clock budget.
+
+The way a lightly user trains SwaV: lightly's ``SwaVTransform`` (multi-crop views made by PIL/torchvision in
+``DataLoader`` workers), ``SwaVProjectionHead``, ``SwaVPrototypes`` renormalised before every step and
+``SwaVLoss`` (Sinkhorn-Knopp codes, swapped prediction), Adam. The images are the Fashion-MNIST training
+images, read from the idx files with their labels dropped; the trunk is the very one streamssl builds
+(``streamssl.model.make_trunk``: a torchvision ResNet, optionally with the 3x3 stride-1 small-image stem and
+no max-pool), so ``benchmarks/quality.py`` can give both methods the same data, views, trunk, batch and budget.
+
+Every ``--snapshot-s`` seconds of training (wall clock since the loop started, data waits included) and once
+more when the budget is spent, the trunk weights are written to ``OUT/snap-<seconds>.pt`` together with the
+elapsed seconds, the step and the images seen, so an accuracy-versus-time curve can be drawn.
+
+Needs lightly, a benchmark-only requirement that streamssl itself does not depend on::
+
+    pip install lightly torch==<the installed torch> torchvision==<the installed torchvision>
+
+(pinning torch keeps pip from replacing the installed build). Example::
+
+    python benchmarks/lightly_swav.py --out runs/lightly --budget-s 720 --snapshot-s 120 \\
+        --arch resnet18 --small-stem --sizes 28 --counts 2 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from streamssl.eval import FASHION_MNIST_DIR, load_fashion_mnist
+from streamssl.model import TRUNK_DIMS, make_trunk
+
+
+class UnlabeledImages(Dataset):
+    """Grey images as PIL RGB images through a transform; no labels (a dummy 0 keeps lightly's shape)."""
+
+    def __init__(self, images: list[np.ndarray], transform: Any) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[list[Tensor], int]:
+        return self.transform(Image.fromarray(self.images[index], "RGB")), 0
+
+
+class LightlySwaV(nn.Module):
+    """Trunk -> lightly SwaVProjectionHead -> L2 normalisation -> lightly SwaVPrototypes."""
+
+    def __init__(self, trunk: nn.Module, feature_dim: int, hidden_dim: int, out_dim: int, n_prototypes: int,
+                 freeze_prototypes_steps: int) -> None:
+        from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
+
+        super().__init__()
+        self.backbone = trunk
+        self.projection_head = SwaVProjectionHead(feature_dim, hidden_dim, out_dim)
+        self.prototypes = SwaVPrototypes(out_dim, n_prototypes=n_prototypes,
+                                         n_steps_frozen_prototypes=freeze_prototypes_steps)
+
+    def forward(self, x: Tensor, step: int) -> Tensor:
+        x = self.backbone(x).flatten(start_dim=1)
+        x = nn.functional.normalize(self.projection_head(x), dim=1, p=2)
+        return self.prototypes(x, step)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="Folder for the snapshots and log.jsonl.")
+    p.add_argument("--budget-s", type=float, default=720.0, help="Wall-clock training budget in seconds.")
+    p.add_argument("--snapshot-s", type=float, default=120.0, help="Save the trunk every this many seconds.")
+    p.add_argument("--fashion-mnist", default=FASHION_MNIST_DIR, help="Folder of the Fashion-MNIST idx files.")
+    p.add_argument("--arch", default="resnet18", choices=sorted(TRUNK_DIMS), help="torchvision ResNet trunk.")
+    p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=True,
+                   help="3x3 stride-1 first conv and no max-pool (the CIFAR stem).")
+    p.add_argument("--sizes", type=int, nargs="+", default=[28], help="View side per crop group.")
+    p.add_argument("--counts", type=int, nargs="+", default=[2], help="Views per crop group.")
+    p.add_argument("--min-scales", type=float, nargs="+", default=[0.3], help="Crop area minimum per group.")
+    p.add_argument("--max-scales", type=float, nargs="+", default=[1.0], help="Crop area maximum per group.")
+    p.add_argument("--flip-p", type=float, default=0.5, help="Horizontal flip probability.")
+    p.add_argument("--jitter-strength", type=float, default=0.4, help="Colour jitter strength (lightly cj_strength).")
+    p.add_argument("--jitter-p", type=float, default=0.8, help="Colour jitter probability.")
+    p.add_argument("--grayscale-p", type=float, default=0.0, help="Random grayscale probability.")
+    p.add_argument("--blur-p", type=float, default=0.0, help="Gaussian blur probability.")
+    p.add_argument("--mean", type=float, nargs=3, default=[0.286] * 3, help="Normalisation mean per channel.")
+    p.add_argument("--std", type=float, nargs=3, default=[0.353] * 3, help="Normalisation std per channel.")
+    p.add_argument("--batch-size", type=int, default=64, help="Images per step.")
+    p.add_argument("--hidden-dim", type=int, default=512, help="Projection head hidden width.")
+    p.add_argument("--out-dim", type=int, default=128, help="Projection head output width.")
+    p.add_argument("--n-prototypes", type=int, default=512, help="Prototypes (lightly's CIFAR-10 recipe: 512).")
+    p.add_argument("--freeze-prototypes-steps", type=int, default=0, help="Steps with frozen prototypes.")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (lightly's CIFAR-10 recipe: 2e-3).")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bfloat16 autocast of the forward pass (the loss runs in float32).")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="channels_last memory format for the trunk and views.")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes.")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0: torch's default.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the initialisation and the data order.")
+    p.add_argument("--log-every", type=int, default=10, help="One progress line every this many steps.")
+    args = p.parse_args(argv)
+    groups = len(args.sizes)
+    for name in ("counts", "min_scales", "max_scales"):
+        if len(getattr(args, name)) != groups:
+            p.error(f"--{name.replace('_', '-')}: needs one value per size ({groups})")
+    return args
+
+
+def make_transform(args: argparse.Namespace) -> Any:
+    """lightly's SwaVTransform with the given crop groups, jitter, grayscale, blur and normalisation."""
+    from lightly.transforms import SwaVTransform
+
+    return SwaVTransform(crop_sizes=tuple(args.sizes), crop_counts=tuple(args.counts),
+                         crop_min_scales=tuple(args.min_scales), crop_max_scales=tuple(args.max_scales),
+                         hf_prob=args.flip_p, cj_prob=args.jitter_p,
+                         cj_strength=args.jitter_strength, random_gray_scale=args.grayscale_p,
+                         gaussian_blur=args.blur_p, normalize={"mean": list(args.mean), "std": list(args.std)})
+
+
+def save_snapshot(out: Path, model: LightlySwaV, info: dict[str, Any]) -> Path:
+    path = out / f"snap-{round(info['elapsed_s']):06d}.pt"
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"trunk": model.backbone.state_dict(), **info}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    import lightly
+    from lightly.loss import SwaVLoss
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    images = load_fashion_mnist(args.fashion_mnist, "train").images  # labels are never used
+    dataset = UnlabeledImages(images, make_transform(args))
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        drop_last=True, persistent_workers=args.workers > 0,
+                        generator=torch.Generator().manual_seed(args.seed))
+    trunk = make_trunk(args.arch, small_stem=args.small_stem)
+    model = LightlySwaV(trunk, TRUNK_DIMS[args.arch], args.hidden_dim, args.out_dim, args.n_prototypes,
+                        args.freeze_prototypes_steps)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = SwaVLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    n_high = args.counts[0]
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    meta = {"lightly": str(lightly.__version__), "torch": str(torch.__version__), "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+    log = open(args.out / "log.jsonl", "a", buffering=1)  # noqa: SIM115 - kept open for the run
+    print(f"lightly {lightly.__version__} SwaV: {args.arch} (small stem {args.small_stem}), batch "
+          f"{args.batch_size}, views {args.counts}x{args.sizes}, K={args.n_prototypes}, budget {args.budget_s:.0f} s",
+          flush=True)
+
+    step, seen, snapshots = 0, 0, []
+    start = time.monotonic()
+    next_snapshot = args.snapshot_s
+    window_start, window_images, last_loss = start, 0, math.nan
+    model.train()
+    done = False
+    while not done:
+        for views, _ in loader:
+            elapsed = time.monotonic() - start
+            if elapsed >= args.budget_s:
+                done = True
+                break
+            if args.channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            model.prototypes.normalize()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                outputs = [model(v, step) for v in views]
+            outputs = [o.float() for o in outputs]
+            loss = criterion(outputs[:n_high], outputs[n_high:])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            seen += views[0].shape[0]
+            window_images += views[0].shape[0]
+            last_loss = float(loss.detach())
+            if step % args.log_every == 0:
+                now = time.monotonic()
+                rate = window_images / (now - window_start)
+                print(f"step {step:>6} | {rate:6.1f} img/s | loss {last_loss:6.3f} | {now - start:6.0f} s", flush=True)
+                log.write(json.dumps({"time": time.time(), "elapsed_s": round(now - start, 2), "step": step,
+                                      "images": seen, "loss": round(last_loss, 5), "images_per_s": round(rate, 2)})
+                          + "\n")
+                window_start, window_images = now, 0
+            elapsed = time.monotonic() - start
+            if elapsed >= next_snapshot and elapsed < args.budget_s:
+                info = {"elapsed_s": elapsed, "step": step, "images": seen, "loss": last_loss,
+                        "config": config, "meta": meta}
+                snapshots.append(str(save_snapshot(args.out, model, info)))
+                next_snapshot += args.snapshot_s
+    elapsed = time.monotonic() - start
+    info = {"elapsed_s": elapsed, "step": step, "images": seen, "loss": last_loss, "config": config, "meta": meta,
+            "final": True}
+    snapshots.append(str(save_snapshot(args.out, model, info)))
+    log.close()
+    summary = {"steps": step, "images": seen, "seconds": round(elapsed, 1), "last_loss": last_loss,
+               "snapshots": snapshots, **meta}
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def load_snapshot_trunk(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The trunk of a snapshot written by this script (eval mode) and the snapshot's info."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = state["config"]
+    trunk = make_trunk(cfg["arch"], small_stem=cfg["small_stem"])
+    trunk.load_state_dict(state["trunk"])
+    return trunk.eval(), {k: v for k, v in state.items() if k != "trunk"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
