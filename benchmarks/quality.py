@@ -57,6 +57,7 @@ from streamssl.eval import (
     load_trunk,
     topk_accuracy,
 )
+from streamssl.learner import native_bf16
 from streamssl.model import make_trunk
 
 HERE = Path(__file__).resolve().parent
@@ -185,7 +186,8 @@ def lightly_command(args: argparse.Namespace, cfg: Config, out: Path) -> list[st
             "--grayscale-p", f"{a.grayscale_p:g}", "--blur-p", f"{a.blur_p:g}",
             "--mean", *nums(a.mean), "--std", *nums(a.std),
             "--batch-size", str(lr.batch_size), "--hidden-dim", str(m.hidden_dim), "--out-dim", str(m.out_dim),
-            "--bf16" if lr.bf16 else "--no-bf16", "--channels-last" if m.channels_last else "--no-channels-last",
+            "--bf16" if lr.bf16 and native_bf16("cpu") else "--no-bf16",  # as streamssl's learner decides
+            "--channels-last" if m.channels_last else "--no-channels-last",
             "--workers", "2", *(["--threads", str(cfg.run.threads)] if cfg.run.threads else []),
             *args.lightly_arg]
 

@@ -50,7 +50,7 @@ def bench_learner(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict[str,
         "device": str(device), "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "arch": cfg.model.arch, "batch_size": batch, "views": [list(cfg.augment.n_views), list(cfg.augment.sizes)],
         "n_prototypes": cfg.model.n_prototypes, "queue_length": cfg.learner.queue_length,
-        "embed_dim": learner.model.embed_dim, "bf16": cfg.learner.bf16, "channels_last": cfg.model.channels_last,
+        "embed_dim": learner.model.embed_dim, "bf16": learner.use_bf16, "channels_last": cfg.model.channels_last,
         "steps": steps, "step_s": round(total, 4), "images_per_s": round(batch / total, 2),
         "swav_share": round(swav / total, 5),
         "breakdown_s": {name: round(mean(name), 5) for name in

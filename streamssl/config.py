@@ -151,7 +151,9 @@ class LearnerConfig:
     weight_decay: float = _f(1e-6, "Weight decay (not on BN and biases).", ge=0)
     momentum: float = _f(0.9, "SGD/LARS momentum; AdamW beta1.", ge=0, le=0.9999)
     trust_coefficient: float = _f(0.001, "LARS trust coefficient eta.", gt=0)
-    bf16: bool = _f(False, "bfloat16 autocast of the forward pass (Sinkhorn stays float32).")
+    bf16: bool = _f(False, "bfloat16 autocast of the forward pass (Sinkhorn stays float32), where the device "
+                    "has native bfloat16 (CPU: AVX512_BF16 or AMX; GPU: Ampere+); elsewhere float32, with a "
+                    "warning, because emulated bfloat16 is several times slower.")
     seed: int = _f(0, "Seed of the initialisation.", ge=0)
 
     def __post_init__(self) -> None:

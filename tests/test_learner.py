@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
+import pytest
 import torch
 
+import streamssl.learner as learner_module
 from streamssl.config import LearnerConfig, ModelConfig
-from streamssl.learner import OnlineSwAV
+from streamssl.learner import OnlineSwAV, native_bf16
 from streamssl.synthetic import view_stream
 
 MODEL = ModelConfig(arch="resnet18", hidden_dim=128, out_dim=32, n_prototypes=32)
@@ -103,6 +106,26 @@ def test_state_round_trip_continues_identically() -> None:
 def test_bf16_and_channels_last_step() -> None:
     model = ModelConfig(arch="resnet18", hidden_dim=64, out_dim=16, n_prototypes=16, channels_last=True)
     learner = OnlineSwAV(model, LearnerConfig(batch_size=8, optimizer="sgd", base_lr=0.1, bf16=True))
+    learner.use_bf16 = True  # exercise autocast even on a CPU that only emulates bfloat16
     stats = learner.step(next(stream(8)))
     assert not stats.skipped and math.isfinite(stats.loss)
     assert learner.model.prototypes.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_only_where_the_device_has_it(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                           native: bool) -> None:
+    monkeypatch.setattr(learner_module, "native_bf16", lambda device: native)
+    monkeypatch.setattr(learner_module, "_warned", set())
+    model = ModelConfig(arch="resnet18", hidden_dim=0, out_dim=8, n_prototypes=4)
+    with caplog.at_level("WARNING", logger="streamssl.learner"):
+        on = OnlineSwAV(model, LearnerConfig(batch_size=4, bf16=True))
+    assert on.use_bf16 is native
+    assert ("no native bfloat16" in caplog.text) is not native
+    assert OnlineSwAV(model, LearnerConfig(batch_size=4, bf16=False)).use_bf16 is False
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the Linux CPU flags")
+def test_native_bf16_matches_the_cpu_flags() -> None:
+    flags = Path("/proc/cpuinfo").read_text().split()
+    assert native_bf16("cpu") is ("avx512_bf16" in flags or "amx_bf16" in flags)
