@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default="resnet18", choices=sorted(TRUNK_DIMS), help="torchvision ResNet trunk.")
     p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=True,
                    help="3x3 stride-1 first conv and no max-pool (the CIFAR stem).")
+    p.add_argument("--stem-stride", type=int, default=1, choices=(1, 2),
+                   help="Stride of the small stem's conv (streamssl's model.stem_stride).")
     p.add_argument("--sizes", type=int, nargs="+", default=[28], help="View side per crop group.")
     p.add_argument("--counts", type=int, nargs="+", default=[2], help="Views per crop group.")
     p.add_argument("--min-scales", type=float, nargs="+", default=[0.3], help="Crop area minimum per group.")
@@ -151,7 +153,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         drop_last=True, persistent_workers=args.workers > 0,
                         generator=torch.Generator().manual_seed(args.seed))
-    trunk = make_trunk(args.arch, small_stem=args.small_stem)
+    trunk = make_trunk(args.arch, small_stem=args.small_stem, stem_stride=args.stem_stride)
     model = LightlySwaV(trunk, TRUNK_DIMS[args.arch], args.hidden_dim, args.out_dim, args.n_prototypes,
                         args.freeze_prototypes_steps)
     if args.channels_last:
@@ -163,7 +165,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     meta = {"lightly": str(lightly.__version__), "torch": str(torch.__version__), "threads": torch.get_num_threads(),
             "python": platform.python_version()}
     log = open(args.out / "log.jsonl", "a", buffering=1)  # noqa: SIM115 - kept open for the run
-    print(f"lightly {lightly.__version__} SwaV: {args.arch} (small stem {args.small_stem}), batch "
+    print(f"lightly {lightly.__version__} SwaV: {args.arch} (small stem {args.small_stem}, stride "
+          f"{args.stem_stride}), batch "
           f"{args.batch_size}, views {args.counts}x{args.sizes}, K={args.n_prototypes}, budget {args.budget_s:.0f} s",
           flush=True)
 
@@ -222,7 +225,7 @@ def load_snapshot_trunk(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The trunk of a snapshot written by this script (eval mode) and the snapshot's info."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     cfg = state["config"]
-    trunk = make_trunk(cfg["arch"], small_stem=cfg["small_stem"])
+    trunk = make_trunk(cfg["arch"], small_stem=cfg["small_stem"], stem_stride=cfg.get("stem_stride", 1))
     trunk.load_state_dict(state["trunk"])
     return trunk.eval(), {k: v for k, v in state.items() if k != "trunk"}
 

@@ -32,7 +32,7 @@ def torchvision_model(meta: dict[str, Any]) -> nn.Module:
     """A torchvision ResNet shaped like the exported trunk (default 1000-class fc), ready for load_state_dict."""
     model = getattr(torchvision.models, meta["arch"])(weights=None)
     if meta.get("small_stem"):
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=int(meta.get("stem_stride", 1)), padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model
 
@@ -45,6 +45,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
     model_cfg, augment_cfg = config["model"], config["augment"]
     size = int(augment_cfg["sizes"][0])
     meta = {"format": fmt, "arch": model_cfg["arch"], "small_stem": bool(model_cfg["small_stem"]),
+            "stem_stride": int(model_cfg.get("stem_stride", 1)),
             "feature_dim": TRUNK_DIMS[model_cfg["arch"]], "input_size": size,
             "mean": list(augment_cfg["mean"]), "std": list(augment_cfg["std"]), "source": str(checkpoint)}
     out = Path(out)

@@ -20,18 +20,21 @@ from streamssl.config import ModelConfig
 TRUNK_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
 
-def make_trunk(arch: str, *, small_stem: bool = False) -> nn.Module:
+def make_trunk(arch: str, *, small_stem: bool = False, stem_stride: int = 1) -> nn.Module:
     """A randomly initialised torchvision ResNet with ``fc`` replaced by Identity: images -> (B, F) features.
 
-    ``small_stem`` replaces the 7x7/2 conv and the max-pool by a 3x3/1 conv, keeping 32-96 px inputs from
-    being shrunk 4x before the first block (the usual CIFAR/STL adaptation).
+    ``small_stem`` replaces the 7x7/2 conv and the max-pool by a 3x3 conv of stride ``stem_stride`` (1: the
+    usual CIFAR/STL adaptation, keeping 32-96 px inputs from being shrunk 4x before the first block; 2: half
+    the resolution, about a third of the compute, for small images on slow machines).
     """
     if arch not in TRUNK_DIMS:
         raise ValueError(f"unknown trunk {arch!r}; choose from {', '.join(TRUNK_DIMS)}")
+    if stem_stride not in (1, 2) or (stem_stride != 1 and not small_stem):
+        raise ValueError(f"stem_stride {stem_stride}: 1, or 2 with the small stem")
     # zero_init_residual: each residual branch starts as identity, as in the SwAV and SimCLR recipes.
     trunk = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
     if small_stem:
-        trunk.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        trunk.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
         trunk.maxpool = nn.Identity()
     trunk.fc = nn.Identity()
@@ -58,7 +61,7 @@ class SwAVModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.trunk = make_trunk(cfg.arch, small_stem=cfg.small_stem)
+        self.trunk = make_trunk(cfg.arch, small_stem=cfg.small_stem, stem_stride=cfg.stem_stride)
         self.feature_dim = TRUNK_DIMS[cfg.arch]
         self.head = make_head(self.feature_dim, cfg.hidden_dim, cfg.out_dim)
         self.embed_dim = cfg.out_dim or self.feature_dim

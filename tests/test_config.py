@@ -61,6 +61,8 @@ def test_lists_from_overrides_and_env() -> None:
     ("learner.epsilon=0", "learner.epsilon"),
     ("learner.bf16=maybe", "learner.bf16"),
     ("model.arch=vgg16", "model.arch"),
+    ("model.stem_stride=3", "model.stem_stride"),
+    ("model.stem_stride=2", "model.stem_stride"),  # the default stem has no stride to set
     ("metrics.port=70000", "metrics.port"),
     ("augment.flip_p=1.5", "augment.flip_p"),
     ("augment.sizes=[224]", "augment.n_views"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from streamssl.config import ModelConfig
-from streamssl.model import SwAVModel
+from streamssl.model import SwAVModel, make_trunk
 
 
 def views(batch: int = 3) -> list[torch.Tensor]:
@@ -53,6 +53,17 @@ def test_small_stem_keeps_resolution() -> None:
     x = [torch.randn(2, 3, 32, 32)]
     small(x), plain(x)
     assert shapes["small"][-1] == 32 and shapes["plain"][-1] == 8
+
+
+def test_stem_stride_halves_resolution() -> None:
+    model = SwAVModel(ModelConfig(arch="resnet18", small_stem=True, stem_stride=2, hidden_dim=0, out_dim=8,
+                                  n_prototypes=5))
+    shapes: list[tuple[int, ...]] = []
+    model.trunk.layer1.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    model([torch.randn(2, 3, 28, 28)])
+    assert shapes == [(2, 64, 14, 14)]
+    with pytest.raises(ValueError, match="small stem"):
+        make_trunk("resnet18", small_stem=False, stem_stride=2)
 
 
 @pytest.mark.parametrize("arch,dim", [("resnet34", 512), ("resnet50", 2048)])
