@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 # The demo stops by itself after STEPS steps; `make run STEPS=0` runs until Ctrl-C.
-STEPS ?= 100
+STEPS ?= 50
 PROFILE ?= cpu-small
 PYTEST_ARGS ?= -q
 
