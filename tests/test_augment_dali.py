@@ -16,6 +16,7 @@ from streamssl.augment.reference import TorchvisionMultiCrop
 from streamssl.augment.spec import CropGroup, MultiCropSpec
 from streamssl.config import AugmentConfig
 from streamssl.samples import Sample
+from tests.test_augment_reference import corrupt_huffman, truncated
 
 pytestmark = pytest.mark.dali
 
@@ -39,18 +40,6 @@ def jpegs(n: int, seed: int = 0, size: tuple[int, int] = (120, 90), tint: bool =
             pixels = pixels * np.array([0.9, 0.6, 0.3]) + np.array([20.0, 30.0, 10.0])
         out.append(encode(np.clip(pixels, 0, 255).astype(np.uint8)))
     return out
-
-
-def truncated(jpeg: bytes) -> bytes:
-    return jpeg[: len(jpeg) // 2]
-
-
-def corrupt_huffman(jpeg: bytes) -> bytes:
-    """A JPEG whose header parses (PIL opens it, its size is known) but whose Huffman table is bogus."""
-    at = jpeg.find(b"\xff\xc4")
-    broken = bytearray(jpeg)
-    broken[at + 5:at + 21] = bytes([255] * 16)
-    return bytes(broken)
 
 
 def scribbled(jpeg: bytes) -> bytes:
