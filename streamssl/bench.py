@@ -70,8 +70,10 @@ def _rss_bytes() -> int:
 
 def bench_run(cfg: Config, *, steps: int = 20, warmup: int = 5, minutes: float = 0.0) -> dict[str, Any]:
     """The daemon's images/s on its real data path beside the learner's compute-bound images/s on pre-made
-    tensors, and their ratio (1.0: the data path costs the learner nothing). With ``minutes`` the daemon runs
-    that long instead of ``steps`` and the resident memory is sampled, to show growth after warm-up."""
+    tensors, and their ratio (1.0: the data path costs the learner nothing). The resident memory is sampled
+    after every step (see ``rss_summary``); with ``minutes`` the daemon runs that long instead of ``steps``,
+    to show growth after warm-up. Memory counts as warm once the shuffle buffer is full
+    (``memory_warmup_steps``): filling it is the daemon's largest deliberate allocation, not growth."""
     from streamssl.daemon import Daemon
 
     compute = bench_learner(cfg, steps=max(3, min(steps, 10)), warmup=2)
@@ -101,13 +103,41 @@ def bench_run(cfg: Config, *, steps: int = 20, warmup: int = 5, minutes: float =
     if len(timed) < 2:
         raise RuntimeError(f"the daemon made {len(marks)} steps; need more than warmup + 1")
     daemon_ips = (len(timed) - 1) * cfg.learner.batch_size / (timed[-1][0] - timed[0][0])
-    rss_warm, rss_peak = timed[0][1], max(r for _, r in timed)
-    return {
+    result: dict[str, Any] = {
         "benchmark": "run", "arch": cfg.model.arch, "batch_size": cfg.learner.batch_size,
         "backend": cfg.augment.backend, "steps_timed": len(timed) - 1,
         "seconds": round(timed[-1][0] - timed[0][0], 1),
         "daemon_images_per_s": round(daemon_ips, 2), "learner_images_per_s": compute["images_per_s"],
         "ratio": round(daemon_ips / compute["images_per_s"], 3),
-        "rss_after_warmup_mb": round(rss_warm / 2**20, 1), "rss_peak_mb": round(rss_peak / 2**20, 1),
-        "rss_growth": round(rss_peak / rss_warm - 1, 4) if rss_warm else None,
+    }
+    return result | rss_summary(marks, memory_warmup_steps(cfg, warmup))
+
+
+def memory_warmup_steps(cfg: Config, warmup: int) -> int:
+    """Steps before the daemon's memory can be steady: the timing warm-up, and the steps that fill the
+    shuffle buffer (it holds ``source.shuffle_buffer`` encoded images once full) and the prefetch queue."""
+    fill = -(-cfg.source.shuffle_buffer // cfg.learner.batch_size) + cfg.augment.prefetch + 1
+    return max(warmup, fill)
+
+
+def rss_summary(marks: list[tuple[float, int]], warm_step: int) -> dict[str, Any]:
+    """Resident memory over a run from (time, RSS) marks, one per step: RSS once the buffers are full
+    (after ``warm_step`` steps), its peak after that, the growth between them, the trend over the second
+    half of the run (MB per hour: a leak keeps climbing, a plateau is flat) and ~12 samples to look at."""
+    if len(marks) <= warm_step + 1 or not marks[warm_step][1]:
+        return {"rss_warm_step": warm_step, "rss_growth": None}
+    warm, peak = marks[warm_step][1], max(r for _, r in marks[warm_step:])
+    half = marks[(warm_step + len(marks)) // 2:]
+    t0 = marks[0][0]
+    slope = None
+    if len(half) >= 2 and half[-1][0] > half[0][0]:
+        ts = [t for t, _ in half]
+        rs = [r / 2**20 for _, r in half]
+        slope = statistics.linear_regression(ts, rs).slope * 3600  # MB per hour
+    stride = max(1, len(marks) // 12)
+    return {
+        "rss_warm_step": warm_step, "rss_after_warmup_mb": round(warm / 2**20, 1),
+        "rss_peak_mb": round(peak / 2**20, 1), "rss_growth": round(peak / warm - 1, 4),
+        "rss_trend_mb_per_h": round(slope, 1) if slope is not None else None,
+        "rss_timeline": [[round(t - t0), round(r / 2**20)] for t, r in marks[::stride]],
     }

@@ -1,0 +1,45 @@
+"""The benchmark's memory summary: warm-up covers the buffers' fill, and a leak is told from a plateau."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from streamssl.bench import memory_warmup_steps, rss_summary
+from streamssl.config import Config
+
+MB = 2**20
+
+
+def test_memory_warmup_covers_the_shuffle_buffer_fill() -> None:
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, shuffle_buffer=1000),
+                              learner=dataclasses.replace(cfg.learner, batch_size=64),
+                              augment=dataclasses.replace(cfg.augment, prefetch=2))
+    # 1000 images need 16 batches of 64 to fill the buffer, then the prefetched batches and one more.
+    assert memory_warmup_steps(cfg, warmup=5) == 16 + 2 + 1
+    assert memory_warmup_steps(cfg, warmup=40) == 40
+    no_buffer = dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, shuffle_buffer=0))
+    assert memory_warmup_steps(no_buffer, warmup=5) == 5
+
+
+def test_rss_summary_tells_a_plateau_from_a_leak() -> None:
+    # 600 steps, one per second: memory climbs 1 MB per step while the buffer fills (20 steps), then
+    # either stays flat (plateau) or keeps climbing 0.1 MB per step (leak: 360 MB per hour).
+    fill = [(float(t), (1000 + t) * MB) for t in range(20)]
+    plateau = fill + [(float(t), 1020 * MB) for t in range(20, 600)]
+    leak = fill + [(float(t), int((1020 + 0.1 * (t - 20)) * MB)) for t in range(20, 600)]
+
+    flat = rss_summary(plateau, warm_step=20)
+    assert flat["rss_after_warmup_mb"] == 1020 and flat["rss_growth"] == 0
+    assert abs(flat["rss_trend_mb_per_h"]) < 1
+    counted_from_start = rss_summary(plateau, warm_step=0)
+    assert counted_from_start["rss_growth"] > 0.019  # the fill itself, were it counted as growth
+
+    climbing = rss_summary(leak, warm_step=20)
+    assert 0.05 < climbing["rss_growth"] < 0.06  # 58 MB on 1020
+    assert 350 < climbing["rss_trend_mb_per_h"] < 370
+    assert 10 <= len(climbing["rss_timeline"]) <= 13 and climbing["rss_timeline"][0] == [0, 1000]
+
+
+def test_rss_summary_with_too_few_steps() -> None:
+    assert rss_summary([(0.0, MB), (1.0, MB)], warm_step=5)["rss_growth"] is None
