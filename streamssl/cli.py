@@ -155,12 +155,16 @@ def shards_pack(src_dir: Annotated[Path, typer.Argument(help="Folder of images (
                                                            "e.g. out/shard-%06d.tar.")],
                 per_shard: Annotated[int, typer.Option(min=1, help="Images per shard.")] = 1000,
                 labels: Annotated[bool, typer.Option(help="Store the sub-folder name as a class index (.cls) "
-                                                     "and write classes.json.")] = False) -> None:
+                                                     "and write classes.json.")] = False,
+                max_side: Annotated[int, typer.Option(min=0, help="Scale images down so that the longer side "
+                                                      "is at most this (0: keep sizes). Decoding and "
+                                                      "cropping cost scale with the stored pixels.")] = 0,
+                ) -> None:
     """Pack a folder of images into WebDataset shards, each written atomically."""
     _logging()
     from streamssl.pack import pack_shards
 
-    written = pack_shards(src_dir, out_pattern, per_shard=per_shard, labels=labels)
+    written = pack_shards(src_dir, out_pattern, per_shard=per_shard, labels=labels, max_side=max_side)
     for path in written:
         typer.echo(str(path))
 

@@ -234,9 +234,10 @@ class Daemon:
         cfg = self.cfg
         source_cfg = cfg.source
         if not source_cfg.urls:
-            from streamssl.demo import demo_shards
+            from streamssl.demo import demo_max_side, demo_shards
 
-            pattern = demo_shards(os.path.join(cfg.checkpoint.dir, "demo-shards"))
+            side = demo_max_side(cfg.augment.sizes)
+            pattern = demo_shards(os.path.join(cfg.checkpoint.dir, f"demo-shards-{side}px"), max_side=side)
             source_cfg = type(source_cfg)(**{**source_cfg.__dict__, "urls": (pattern,), "cycle": True})
             self.echo(f"no source.urls: streaming the embedded demo images ({pattern}), cycled")
         self.stream = SampleStream(make_source(source_cfg), source_cfg, on_bad=self._on_bad, defer_ack=True,

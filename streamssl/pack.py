@@ -7,6 +7,11 @@ and other awkward modes transcoded once to 8-bit RGB PNG), and writes them with 
 its final one and renamed into place (``os.replace``) once complete, so a reader, a followed folder
 (``source.FolderSource``) included, never sees a partial shard under a final name.
 
+With ``max_side`` images whose longer side exceeds it are scaled down (antialiased) and re-encoded: JPEG
+stays JPEG (quality 95), anything else becomes PNG. Shards at about the resolution the views need are
+the cheapest speed-up of a CPU data path: decoding and antialiased cropping cost in proportion to the
+stored pixels, whatever the view size (FFCV's ``max_resolution`` and DALI's ImageNet recipes do the same).
+
 With ``labels=True`` the first sub-folder under ``src_dir`` names a sample's class (``src/cat/1.jpg`` is
 class ``cat``); classes are sorted, each sample gets a ``.cls`` member with the class index, and
 ``classes.json`` (a JSON list, index -> name) is written beside the shards, also atomically.
@@ -14,6 +19,7 @@ class ``cat``); classes are sorted, each sample gets a ``.cls`` member with the 
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
@@ -24,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from PIL import Image
 from webdataset import TarWriter
 
 from streamssl.samples import IMAGE_EXTS, check_image
@@ -76,8 +83,28 @@ def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
+def downscale(data: bytes, ext: str, max_side: int) -> tuple[bytes, str]:
+    """``data`` scaled so that its longer side is at most ``max_side`` (Lanczos, aspect kept), re-encoded as
+    JPEG quality 95 when it was a JPEG and as PNG otherwise; ``(data, ext)`` unchanged when already small
+    enough. ``data`` must have passed ``samples.check_image`` (8-bit RGB, L or RGBA)."""
+    with Image.open(io.BytesIO(data)) as im:
+        if max(im.size) <= max_side:
+            return data, ext
+        jpeg = im.format == "JPEG"
+        im.draft(im.mode, (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that suffices
+        small = im.convert(im.mode)  # loads the pixels; a copy that outlives the file
+    small.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    if jpeg:
+        small.save(out, format="JPEG", quality=95)
+        return out.getvalue(), "jpg"
+    small.save(out, format="PNG")
+    return out.getvalue(), "png"
+
+
 def pack_shards(src_dir: str | os.PathLike[str], out_pattern: str, *, per_shard: int = 1000,
-                labels: bool = False, on_skip: Callable[[Path, str], None] | None = None) -> list[Path]:
+                labels: bool = False, max_side: int = 0,
+                on_skip: Callable[[Path, str], None] | None = None) -> list[Path]:
     """Pack the images under ``src_dir`` into WebDataset shards.
 
     Args:
@@ -100,6 +127,8 @@ def pack_shards(src_dir: str | os.PathLike[str], out_pattern: str, *, per_shard:
         raise ValueError(f"src_dir {str(src_dir)!r}: not a directory")
     if per_shard < 1:
         raise ValueError(f"per_shard must be >= 1, got {per_shard}")
+    if max_side < 0:
+        raise ValueError(f"max_side must be >= 0 (0: keep the size), got {max_side}")
     _shard_path(out_pattern, 0)  # fail early on a pattern without an index
 
     images = list(_images(src))
@@ -134,7 +163,10 @@ def pack_shards(src_dir: str | os.PathLike[str], out_pattern: str, *, per_shard:
             if key in used:  # a.jpg beside a.png: the same key would merge them into one sample
                 key = f"{key[:_MAX_KEY - 10]}_{n:09d}"
             used.add(key)
-            sample: dict[str, bytes | str] = {"__key__": key, "png" if checked is not data else ext: checked}
+            out_ext = "png" if checked is not data else ext
+            if max_side:
+                checked, out_ext = downscale(checked, out_ext, max_side)
+            sample: dict[str, bytes | str] = {"__key__": key, out_ext: checked}
             if labels:
                 sample["cls"] = str(class_index[rel.parts[0]]).encode()
             yield sample
@@ -169,4 +201,4 @@ def pack_shards(src_dir: str | os.PathLike[str], out_pattern: str, *, per_shard:
     return written
 
 
-__all__ = ["pack_shards"]
+__all__ = ["downscale", "pack_shards"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -10,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from streamssl import __version__
 from streamssl.cli import app
+from streamssl.samples import read_shard
 
 runner = CliRunner()
 TINY = ["--set", "model.arch=resnet18", "--set", "model.hidden_dim=32", "--set", "model.out_dim=16",
@@ -61,6 +64,12 @@ def test_run_trains_on_the_demo_stream_and_stops_at_max_steps(tmp_path: Path) ->
     steps, images, skipped = map(int, summary.groups())
     assert steps == 4 and images == 8 * (steps + skipped)
     assert (tmp_path / "ckpt-000000000004.pt").is_file()
+    # the demo photographs (up to 740 px) were packed at the resolution the views need
+    shards = sorted(tmp_path.glob("demo-shards-*px/demo-*.tar"))
+    assert shards, list(tmp_path.iterdir())
+    side = int(shards[0].parent.name.removeprefix("demo-shards-").removesuffix("px"))
+    sizes = [Image.open(io.BytesIO(s.data)).size for _, s in read_shard(str(shards[0])) if s is not None]
+    assert len(sizes) > 10 and max(map(max, sizes)) == side
 
 
 def test_bench_learner_prints_json() -> None:

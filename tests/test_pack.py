@@ -103,3 +103,28 @@ def test_shards_appear_only_complete(image_folder: Path, tmp_path: Path, monkeyp
     assert seen_during_write[0] == (False, [".s-0.tar.tmp"])  # written under a hidden temporary name
     assert not final.exists()
     assert list(out.iterdir()) == []  # the partial temporary file was removed
+
+
+def test_max_side_scales_large_images_down_and_keeps_small_ones(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (300, 600, 3), dtype=np.uint8))  # 600 wide, 300 high
+    photo.save(src / "wide.jpg", "JPEG", quality=90)
+    Image.fromarray(rng.integers(0, 255, (400, 200), dtype=np.uint8), "L").save(src / "tall.png", "PNG")
+    small = save(src / "small.jpg", (1, 2, 3))  # 20 x 20: left as it is
+
+    paths = pack_shards(src, str(tmp_path / "out" / "s-%06d.tar"), max_side=128)
+    samples = {key: (ext, data) for key, ext, _, data in read_all(paths)}
+    sizes = {key: Image.open(io.BytesIO(data)).size for key, (_, data) in samples.items()}
+    modes = {key: Image.open(io.BytesIO(data)).mode for key, (_, data) in samples.items()}
+    assert sizes == {"wide": (128, 64), "tall": (64, 128), "small": (20, 20)}  # aspect kept
+    assert samples["wide"][0] == "jpg" and samples["tall"][0] == "png"  # JPEG stays JPEG, PNG stays PNG
+    assert modes["tall"] == "L"
+    assert samples["small"] == ("jpg", small)  # byte for byte
+    # the scaled image is the original seen smaller, not something else: its mean colour is close
+    scaled = np.asarray(Image.open(io.BytesIO(samples["wide"][1])), dtype=np.float32)
+    assert np.abs(scaled.mean((0, 1)) - np.asarray(photo, dtype=np.float32).mean((0, 1))).max() < 3
+
+    with pytest.raises(ValueError, match="max_side"):
+        pack_shards(src, str(tmp_path / "bad" / "s-%06d.tar"), max_side=-1)
