@@ -23,23 +23,24 @@ def test_memory_warmup_covers_the_shuffle_buffer_fill() -> None:
 
 
 def test_rss_summary_tells_a_plateau_from_a_leak() -> None:
-    # 600 steps, one per second: memory climbs 1 MB per step while the buffer fills (20 steps), then
-    # either stays flat (plateau) or keeps climbing 0.1 MB per step (leak: 360 MB per hour).
+    # 600 steps, one per second: memory climbs 1 MB per step while the buffer fills (20 steps), then either
+    # stays at 1020 MB with a transient +150 MB spike every 50 steps (the allocator: a plateau), or climbs
+    # 0.1 MB per step (a leak: 360 MB per hour).
     fill = [(float(t), (1000 + t) * MB) for t in range(20)]
-    plateau = fill + [(float(t), 1020 * MB) for t in range(20, 600)]
+    plateau = fill + [(float(t), (1170 if t % 50 == 0 else 1020) * MB) for t in range(20, 600)]
     leak = fill + [(float(t), int((1020 + 0.1 * (t - 20)) * MB)) for t in range(20, 600)]
 
     flat = rss_summary(plateau, warm_step=20)
-    assert flat["rss_after_warmup_mb"] == 1020 and flat["rss_growth"] == 0
+    assert flat["rss_warm_peak_mb"] == 1170 and flat["rss_peak_mb"] == 1170
+    assert flat["rss_growth"] == 0  # the spikes are in both windows: no growth
     assert abs(flat["rss_trend_mb_per_h"]) < 1
-    counted_from_start = rss_summary(plateau, warm_step=0)
-    assert counted_from_start["rss_growth"] > 0.019  # the fill itself, were it counted as growth
 
     climbing = rss_summary(leak, warm_step=20)
-    assert 0.05 < climbing["rss_growth"] < 0.06  # 58 MB on 1020
-    assert 350 < climbing["rss_trend_mb_per_h"] < 370
+    assert climbing["rss_warm_peak_mb"] == 1034.4  # 144 s into the 579 s after warm-up
+    assert 0.042 < climbing["rss_growth"] < 0.043  # 1077.9 MB at the end
+    assert 355 < climbing["rss_trend_mb_per_h"] < 365
     assert 10 <= len(climbing["rss_timeline"]) <= 13 and climbing["rss_timeline"][0] == [0, 1000]
 
 
 def test_rss_summary_with_too_few_steps() -> None:
-    assert rss_summary([(0.0, MB), (1.0, MB)], warm_step=5)["rss_growth"] is None
+    assert rss_summary([(float(t), MB) for t in range(10)], warm_step=5)["rss_growth"] is None
