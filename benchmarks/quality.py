@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-bf16", action="store_true",
                    help="Run the frozen trunk under bfloat16 autocast when extracting features (about twice as "
                         "fast on CPUs with bf16 support; the kNN itself stays float32). Default: float32.")
+    p.add_argument("--eval-size", type=int, default=0,
+                   help="Side in pixels at which the trunks (trained and untrained, both methods) see the 28 px "
+                        "test and memory images; 0: the global view size. Raw pixels stay at 28.")
     p.add_argument("--skip-train", action="store_true",
                    help="Do not train: evaluate the snapshots already in WORKDIR (e.g. after an interrupted run).")
     p.add_argument("--no-baselines", action="store_true", help="Skip the raw-pixel and untrained-trunk kNN.")
@@ -249,7 +252,8 @@ def eval_streamssl(run_dir: Path, train: LabeledImages, test: LabeledImages, arg
         assert state is not None
         trunk, config = load_trunk(path)
         augment = config["augment"]
-        result = knn(trunk, train, test, int(augment["sizes"][0]), augment["mean"], augment["std"], args)
+        result = knn(trunk, train, test, args.eval_size or int(augment["sizes"][0]), augment["mean"],
+                     augment["std"], args)
         row = {"path": str(path), "elapsed_s": round(float(state["saved_at"]) - timing["loop_started_at"], 1),
                "step": int(state["step"]), "images": int(state.get("images", 0)),
                "top1": result["top1"], "top5": result["top5"], "eval_s": result["seconds"]}
@@ -267,7 +271,7 @@ def eval_lightly(out: Path, train: LabeledImages, test: LabeledImages, cfg: Conf
     for path in sorted(out.glob("snap-*.pt")):
         trunk, info = load_snapshot_trunk(path)
         c = info["config"]
-        result = knn(trunk, train, test, int(c["sizes"][0]), c["mean"], c["std"], args)
+        result = knn(trunk, train, test, args.eval_size or int(c["sizes"][0]), c["mean"], c["std"], args)
         row = {"path": str(path), "elapsed_s": round(float(info["elapsed_s"]), 1), "step": int(info["step"]),
                "images": int(info["images"]), "top1": result["top1"], "top5": result["top5"],
                "eval_s": result["seconds"]}
@@ -281,13 +285,14 @@ def baselines(cfg: Config, train: LabeledImages, test: LabeledImages, args: argp
     print(f"raw pixels                          top-1 {pixels['top1']:.4f}", flush=True)
     torch.manual_seed(0)
     trunk = make_trunk(cfg.model.arch, small_stem=cfg.model.small_stem, stem_stride=cfg.model.stem_stride).eval()
-    untrained = knn(trunk, train, test, cfg.augment.sizes[0], cfg.augment.mean, cfg.augment.std, args)
+    size = args.eval_size or cfg.augment.sizes[0]
+    untrained = knn(trunk, train, test, size, cfg.augment.mean, cfg.augment.std, args)
     print(f"untrained {cfg.model.arch:<26}top-1 {untrained['top1']:.4f}", flush=True)
     return {"pixels": {"top1": pixels["top1"], "top5": pixels["top5"], "image_size": 28, "mean": PIXEL_MEAN,
                        "std": PIXEL_STD},
             "untrained": {"top1": untrained["top1"], "top5": untrained["top5"], "arch": cfg.model.arch,
                           "small_stem": cfg.model.small_stem,
-                          "stem_stride": cfg.model.stem_stride, "image_size": cfg.augment.sizes[0], "seed": 0}}
+                          "stem_stride": cfg.model.stem_stride, "image_size": size, "seed": 0}}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -389,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     train, test = load_splits(f"fashion-mnist:{args.fashion_mnist}", limit_train=args.limit_train,
                               limit_test=args.limit_test)
     results["eval"] = {"task": "knn", "k": args.k, "temperature": args.temperature, "n_train": len(train),
-                       "n_test": len(test), "image_size": cfg.augment.sizes[0],
+                       "n_test": len(test), "image_size": args.eval_size or cfg.augment.sizes[0],
                        "trunk_dtype": "bfloat16" if args.eval_bf16 else "float32"}
     if not args.no_baselines:
         results["baselines"] = baselines(cfg, train, test, args)
