@@ -81,7 +81,7 @@ def bench_run(cfg: Config, *, steps: int = 20, warmup: int = 5, minutes: float =
     cfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, queue_start_step=0))
     if cfg.learner.queue_length:
         warmup = max(warmup, -(-cfg.learner.queue_length // cfg.learner.batch_size) + 1)
-    compute = bench_learner(cfg, steps=max(3, min(steps, 10)), warmup=2)
+    compute = bench_learner(cfg, steps=max(3, min(steps, 50)), warmup=3)  # 10 steps varied by +-10% here
     marks: list[tuple[float, int]] = []  # (time, RSS) after each step
 
     def on_line(line: str) -> None:
@@ -129,8 +129,8 @@ def rss_summary(marks: list[tuple[float, int]], warm_step: int) -> dict[str, Any
     """Resident memory over a run from (time, RSS) marks, one per step, counted from step ``warm_step`` (the
     buffers are full): the peak over the first quarter of that time against the peak over all of it
     (``rss_growth``: transient spikes of the allocator show in both, only growth raises the second), the
-    trend (MB per hour between the medians of the first and last quarters: a leak climbs, a plateau is
-    flat) and ~12 samples to look at."""
+    trend of the floor (MB per hour between the lowest RSS of the first and of the last quarter: a leak
+    raises it, a plateau with spikes leaves it flat) and ~12 samples to look at."""
     timed = marks[warm_step:]
     if len(timed) < 8 or not timed[0][1]:
         return {"rss_warm_step": warm_step, "rss_growth": None}
@@ -138,9 +138,9 @@ def rss_summary(marks: list[tuple[float, int]], warm_step: int) -> dict[str, Any
     first = [m for m in timed if m[0] <= t_start + (t_end - t_start) / 4]
     last = [m for m in timed if m[0] >= t_end - (t_end - t_start) / 4]
     warm_peak, peak = max(r for _, r in first), max(r for _, r in timed)
-    hours = (statistics.median(t for t, _ in last) - statistics.median(t for t, _ in first)) / 3600
-    trend = (statistics.median(r for _, r in last) - statistics.median(r for _, r in first)) / 2**20 / hours \
-        if hours > 0 else None
+    # Leaked memory is never given back, so a leak raises even the lowest RSS; spikes do not move minima.
+    (t_a, floor_a), (t_b, floor_b) = min(first, key=lambda m: m[1]), min(last, key=lambda m: m[1])
+    trend = (floor_b - floor_a) / 2**20 / ((t_b - t_a) / 3600) if t_b > t_a else None
     t0 = marks[0][0]
     stride = max(1, len(marks) // 12)
     return {
