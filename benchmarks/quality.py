@@ -241,6 +241,11 @@ def knn(trunk: torch.nn.Module | None, train: LabeledImages, test: LabeledImages
     return {**topk_accuracy(scores, torch.from_numpy(test.labels)), "seconds": round(time.perf_counter() - t, 2)}
 
 
+def eval_size(args: argparse.Namespace, view_size: Any) -> int:
+    """Side at which a trunk sees the evaluation images: ``--eval-size``, else its global view size."""
+    return args.eval_size or int(view_size)
+
+
 def eval_streamssl(run_dir: Path, train: LabeledImages, test: LabeledImages, args: argparse.Namespace,
                    ) -> list[dict[str, Any]]:
     from streamssl.checkpoint import CheckpointManager
@@ -252,8 +257,8 @@ def eval_streamssl(run_dir: Path, train: LabeledImages, test: LabeledImages, arg
         assert state is not None
         trunk, config = load_trunk(path)
         augment = config["augment"]
-        result = knn(trunk, train, test, args.eval_size or int(augment["sizes"][0]), augment["mean"],
-                     augment["std"], args)
+        result = knn(trunk, train, test, eval_size(args, augment["sizes"][0]), augment["mean"], augment["std"],
+                     args)
         row = {"path": str(path), "elapsed_s": round(float(state["saved_at"]) - timing["loop_started_at"], 1),
                "step": int(state["step"]), "images": int(state.get("images", 0)),
                "top1": result["top1"], "top5": result["top5"], "eval_s": result["seconds"]}
@@ -271,7 +276,7 @@ def eval_lightly(out: Path, train: LabeledImages, test: LabeledImages, cfg: Conf
     for path in sorted(out.glob("snap-*.pt")):
         trunk, info = load_snapshot_trunk(path)
         c = info["config"]
-        result = knn(trunk, train, test, args.eval_size or int(c["sizes"][0]), c["mean"], c["std"], args)
+        result = knn(trunk, train, test, eval_size(args, c["sizes"][0]), c["mean"], c["std"], args)
         row = {"path": str(path), "elapsed_s": round(float(info["elapsed_s"]), 1), "step": int(info["step"]),
                "images": int(info["images"]), "top1": result["top1"], "top5": result["top5"],
                "eval_s": result["seconds"]}
@@ -285,7 +290,7 @@ def baselines(cfg: Config, train: LabeledImages, test: LabeledImages, args: argp
     print(f"raw pixels                          top-1 {pixels['top1']:.4f}", flush=True)
     torch.manual_seed(0)
     trunk = make_trunk(cfg.model.arch, small_stem=cfg.model.small_stem, stem_stride=cfg.model.stem_stride).eval()
-    size = args.eval_size or cfg.augment.sizes[0]
+    size = eval_size(args, cfg.augment.sizes[0])
     untrained = knn(trunk, train, test, size, cfg.augment.mean, cfg.augment.std, args)
     print(f"untrained {cfg.model.arch:<26}top-1 {untrained['top1']:.4f}", flush=True)
     return {"pixels": {"top1": pixels["top1"], "top5": pixels["top5"], "image_size": 28, "mean": PIXEL_MEAN,
@@ -394,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     train, test = load_splits(f"fashion-mnist:{args.fashion_mnist}", limit_train=args.limit_train,
                               limit_test=args.limit_test)
     results["eval"] = {"task": "knn", "k": args.k, "temperature": args.temperature, "n_train": len(train),
-                       "n_test": len(test), "image_size": args.eval_size or cfg.augment.sizes[0],
+                       "n_test": len(test), "image_size": eval_size(args, cfg.augment.sizes[0]),
                        "trunk_dtype": "bfloat16" if args.eval_bf16 else "float32"}
     if not args.no_baselines:
         results["baselines"] = baselines(cfg, train, test, args)
