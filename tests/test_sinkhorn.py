@@ -107,7 +107,9 @@ def _worker(rank: int, world: int, port: int, eps: float, queue: mp.Queue) -> No
     try:
         scores = cosine_scores(96, 24, seed=11)
         half = scores.chunk(world)[rank]
-        queue.put((rank, sinkhorn(half, eps=eps, reduce=torch_distributed_reduce)))
+        # as a numpy array, pickled by value: a tensor would travel as a shared-memory handle that the parent
+        # fetches from this process's socket, gone if this process has exited first (seen as a flaky failure)
+        queue.put((rank, sinkhorn(half, eps=eps, reduce=torch_distributed_reduce).numpy()))
     finally:
         dist.destroy_process_group()
 
@@ -121,7 +123,7 @@ def test_reduced_halves_equal_whole_batch(eps: float) -> None:
     procs = [ctx.Process(target=_worker, args=(r, 2, port, eps, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
+    results = {rank: torch.from_numpy(codes) for rank, codes in (queue.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
