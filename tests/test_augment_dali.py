@@ -158,6 +158,43 @@ def test_hue_jitter_is_in_degrees() -> None:
     assert 0.33 < gaps[0] / gaps[1] < 3, gaps
 
 
+def test_view_draws_follow_the_spec() -> None:
+    from streamssl.augment.dali import view_draws
+
+    spec = MultiCropSpec(jitter_strength=0.5, jitter_p=0.7, grayscale_p=0.25, blur_p=0.4, blur_sigma=(0.1, 2.0))
+    big, small = spec.groups
+    n = 20000
+    draws = view_draws(spec, big, np.random.default_rng(0), n)
+    jittered = draws["hue"] != 0
+    assert abs(jittered.mean() - 0.7) < 0.02
+    for name, f in (("brightness", spec.brightness), ("contrast", spec.contrast)):
+        lo, hi = spec.factor_range(f)
+        assert lo <= draws[name][jittered].min() and draws[name][jittered].max() <= hi
+        assert (draws[name][~jittered] == 1).all()  # no jitter: the identity
+    assert (np.abs(draws["hue"]) <= spec.hue_degrees).all()
+    gray = draws["saturation"] == 0
+    assert abs(gray.mean() - 0.25) < 0.02 and (draws["saturation"][~jittered & ~gray] == 1).all()
+    assert abs(draws["blur"].mean() - 0.4) < 0.02
+    windows = draws["window"]
+    assert (windows % 2 == 1).all() and windows.dtype == np.int32
+    expected = np.minimum(2 * np.ceil(3 * draws["sigma"]) + 1, spec.blur_kernel(big.size))
+    assert (windows == expected).all() and windows.max() == spec.blur_kernel(big.size) and windows.min() == 3
+    assert view_draws(spec, small, np.random.default_rng(0), 50)["window"].max() <= spec.blur_kernel(small.size)
+    plain = view_draws(spec.without_augmentation(), big, np.random.default_rng(0), 5)
+    assert plain == {}  # nothing to draw: the graph has no colour or blur operators either
+
+
+def test_blur_coins_all_down_and_single_samples() -> None:
+    """A conditional whose branch gets no sample (every coin down) or the whole batch still runs."""
+    from streamssl.augment.dali import DaliMultiCrop
+
+    spec = replace(SMALL.without_augmentation(), blur_p=0.5, jitter_p=0.5)
+    multicrop = DaliMultiCrop(spec, 1, seed=0)
+    images = jpegs(1)
+    sums = [multicrop(images)[0][0].sum().item() for _ in range(12)]
+    assert all(np.isfinite(sums)) and len(set(np.round(sums, 3))) > 1
+
+
 def test_grayscale_makes_channels_equal() -> None:
     from streamssl.augment.dali import DaliMultiCrop
 

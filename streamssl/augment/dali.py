@@ -5,29 +5,32 @@ never fails where DALI is not installed. Implements the multi-crop of SwAV (Caro
 by a ``MultiCropSpec``; reference.py is its torchvision twin (same draws, same order of steps).
 
 Graph (one per pipeline, built from the spec; ``if`` = a DALI conditional, the branch runs only for the
-samples whose coin came up)::
+samples whose coin came up). Crops and flips are drawn by DALI; the colour and blur parameters are drawn
+in numpy (``view_draws``, seeded like the pipeline) and fed per run as one scalar a sample::
 
     external_source (encoded bytes, batch mode: any batch of 1..batch_size)
       -> decoders.image                 (CPU: libjpeg-turbo & co; GPU: device="mixed", nvJPEG)
       -> per view:
          random_resized_crop            (area and aspect ranges of the view's group; linear, antialias=True)
-         if jitter: brightness_contrast (brightness, contrast 0.8s; contrast pivots on the mean gray level)
-                    color_twist         (saturation 0.8s, or 0 when the grayscale coin came up too; hue 0.2s
-                                         of a turn = 72s degrees) -> float, saturating cast back to uint8
-         elif gray: color_twist         (saturation 0) -> float -> uint8
+         brightness_contrast            (brightness, contrast 0.8s, or 1 without the jitter coin; contrast
+                                         pivots on the view's mean grey level; uint8, saturating)
+         color_twist -> min/max         (saturation 0.8s, 0 when the grayscale coin came up; hue 0.2s of a
+                                         turn = 72s degrees; float out, clamped to 0..255)
          crop_mirror_normalize          (flip coin, HWC -> CHW, (x/255 - mean) / std, float32)
          if blur: gaussian_blur         (planar float; sigma in blur_sigma, window 3 sigma each way, capped)
-    With solarize_p > 0 the last two steps become: cast to float, blur, solarize (x >= t -> 255 - x) on the
-    0-255 scale, then crop_mirror_normalize.
+    Without jitter and grayscale the colour steps are left out. With solarize_p > 0 the last two steps
+    become: blur, solarize (x >= t -> 255 - x) on the 0-255 scale, then crop_mirror_normalize.
 
 Decisions, measured with process CPU time (the machine was shared, wall clock was noisy) on 2 cores,
 2x224 + 6x96 views, batch 64, 400x300 px JPEGs, SwAV defaults; CPU ms per batch of 64:
 
-* All in, the default recipe costs ~520 ms (decode + crops ~215, normalisation ~25, jitter ~145, blur
-  ~80-100, grayscale ~20); the torchvision twin ~1500 ms (~23-25 ms per image through its DataLoader):
-  ~2.7x less CPU. Wall clock with the 2 cores otherwise idle: ~190-210 img/s against ~80-90 img/s for
-  the twin in a DataLoader with 2 workers, ~2.3-2.4x (DALI keeps ~1.8 of the 2 cores busy; its decode
-  and antialiased crops, ~40% of its time, are no faster than torchvision's: the gain is in colour/blur).
+* All in, the default recipe costs ~490-530 ms (7.5-8.3 ms an image: decode ~30, the 8 antialiased crops
+  ~180, normalisation ~10, colour ~140, blur ~120); the torchvision twin ~1400 ms (~22 ms an image through
+  its DataLoader): ~2.7x less CPU. Wall clock with the 2 cores otherwise idle (2026-11, AVX-512 EPYC):
+  ~218-233 img/s with 2 threads, ~225-237 with 3, against ~91-95 img/s for the twin in a DataLoader with 2
+  workers. DALI's CPU kernels are scalar where torch's are vectorised: its antialiased resize costs ~0.9
+  ms a 224 px view against ~0.25-0.4 ms for torchvision's, its float -> uint8 conversions ~7 ns a value;
+  the gain is in colour and blur, and in one process with no per-image Python.
 * Decode once, then ``random_resized_crop`` per view: ~560 ms, against ~660-735 ms for the fused
   ``decoders.image_random_crop`` per view (8 ROI decodes of every image). The fused path stays available
   (``fused_decode=True``) for images much larger than the views, where decoding only the ROI wins.
@@ -36,12 +39,18 @@ Decisions, measured with process CPU time (the machine was shared, wall clock wa
   the spec's kernel: small sigmas get small windows. It runs after the normalisation, on the planar
   (CHW) view (~520 ms, against ~540 ms blurring the interleaved view before it): a blur is a weighted
   mean, so it commutes with the per-channel affine normalisation and, being symmetric, with the flip.
-* color_twist with float output followed by a saturating ``cast`` to uint8 costs ~150 ms over all views,
-  its own uint8 output ~200 ms; the clamp is kept because torchvision saturates at every step.
+* Colour: one brightness_contrast (uint8, a lookup table: ~5 ms a batch of 224 px views) and one
+  color_twist to float (~30 ms), clamped with ``min``/``max`` (~4.5 ms; DALI's ``clamp`` ~24 ms, a
+  saturating cast to uint8 ~22 ms, color_twist's own uint8 output ~89 ms), then crop_mirror_normalize
+  from float (~14 ms, from uint8 ~9 ms). Every sample runs it, the ones without a jitter coin with the
+  identity: a conditional needs one output type in both branches, and measured no faster. The
+  parameters drawn in numpy instead of by DALI random and arithmetic operators (8 per view) and fed as
+  dense arrays (~2 ms a batch; lists of per-sample arrays ~13 ms): ~4% less CPU an image (A/B, 5 runs).
 * Views leave as ``torch.from_dlpack`` of DALI's outputs, without a copy (~120 MB per batch saved): the
   dynamic executor (``exec_dynamic=True``) hands every run fresh, reference-counted buffers, so a view
   stays valid and unchanged after later runs. On GPU the views are copied on the current torch stream.
-* ``n_threads`` = number of free cores; 3 threads on 2 cores measured no better than 2.
+* ``n_threads``: the number of free cores where something else (the learner) fills the gaps; alone on 2
+  cores a third thread fills the idle time at the ~60 operator barriers of a run (~3% more img/s).
 * Few small operators: each costs ~0.1 ms of scheduling per batch whatever its work (400 trivial ops:
   ~35 ms CPU, ~65 ms wall per batch), so random draws live inside the branches that use them instead of
   being blended in with coin arithmetic. 418 -> ~310 operators took ~555 -> ~535 ms.
@@ -56,7 +65,6 @@ Decisions, measured with process CPU time (the machine was shared, wall clock wa
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -81,11 +89,6 @@ def _coin(fn: Any, types: Any, p: float) -> Any:
     return fn.random.coin_flip(probability=p, dtype=types.INT32)
 
 
-def _uniform(fn: Any, lo: float, hi: float) -> Any:
-    """Per-sample uniform draw in [lo, hi], or the constant when the range is empty."""
-    return lo if lo == hi else fn.random.uniform(range=[lo, hi])
-
-
 def _define_graph(spec: MultiCropSpec, *, gpu: bool, fused_decode: bool) -> tuple[Any, ...]:
     """The multi-crop graph; called inside a DALI pipeline context. Returns V nodes of (B, 3, S, S)."""
     from nvidia.dali import fn, types
@@ -96,9 +99,9 @@ def _define_graph(spec: MultiCropSpec, *, gpu: bool, fused_decode: bool) -> tupl
     if not fused_decode:
         decoded = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)  # (H, W, 3) u8
     views = []
-    for group in spec.view_groups:
+    for index, group in enumerate(spec.view_groups):
         view = _crop(fn, types, spec, group, encoded, decoded, decoder_device)
-        views.append(_distort(fn, types, spec, group, view))
+        views.append(_distort(fn, types, spec, index, view))
     return tuple(views)
 
 
@@ -115,65 +118,106 @@ def _crop(fn: Any, types: Any, spec: MultiCropSpec, group: CropGroup, encoded: A
                                   random_aspect_ratio=ratio, num_attempts=10, antialias=True)
 
 
-def _distort(fn: Any, types: Any, spec: MultiCropSpec, group: CropGroup, view: Any) -> Any:
-    """Colour jitter, grayscale, blur, solarisation, flip and normalisation of one (S, S, 3) uint8 view.
+def _draw(fn: Any, types: Any, index: int, name: str, dtype: Any) -> Any:
+    """The per-sample draw ``name`` of view ``index``, fed each run from ``view_draws`` (a scalar a sample)."""
+    return fn.external_source(name=_draw_name(index, name), dtype=dtype, ndim=0)
 
-    ``if`` on a DALI node is a DALI conditional (the pipeline enables them): the branch runs only for the
-    samples whose predicate holds, which is what makes the blur affordable on CPU. ``if`` on a plain 0/1
-    (probability 0 or 1) is ordinary Python, resolved while the graph is built.
+
+def _draw_name(index: int, name: str) -> str:
+    return f"view{index}_{name}"
+
+
+def _distort(fn: Any, types: Any, spec: MultiCropSpec, index: int, view: Any) -> Any:
+    """Colour jitter, grayscale, blur, solarisation, flip and normalisation of view ``index``, (S, S, 3) uint8.
+
+    The colour and blur parameters are drawn in numpy (``view_draws``) and fed per run, so the graph holds
+    no random or arithmetic operators for them: each operator costs ~0.1 ms of scheduling per batch,
+    whatever its work. ``if`` on a DALI node is a DALI conditional (the pipeline enables them): the branch
+    runs only for the samples whose predicate holds, which is what makes the blur affordable on CPU.
     """
-    # Every op costs ~0.1 ms of scheduling per batch however small its work, and the graph has one chain
-    # per view: random draws are made inside the branches that use them, not blended in with arithmetic.
-    jitter = _coin(fn, types, spec.jitter_p)
-    gray = _coin(fn, types, spec.grayscale_p)
-    if jitter:
-        # Contrast pivots on the view's mean gray level, as in torchvision (color_twist's contrast would
-        # pivot on mid-grey). uint8 in, uint8 out: saturates like torchvision.
-        centre = fn.reductions.mean(fn.color_space_conversion(view, image_type=types.RGB,
-                                                              output_type=types.GRAY))
-        if centre.device == "gpu":
-            centre = centre.cpu()  # named arguments live on the CPU (a GPU->CPU copy of B floats)
-        view = fn.brightness_contrast(view, brightness=_uniform(fn, *spec.factor_range(spec.brightness)),
-                                      contrast=_uniform(fn, *spec.factor_range(spec.contrast)),
-                                      contrast_center=centre)  # (S, S, 3) uint8
-        # Saturation and hue; grayscale (after the jitter) folded in as saturation 0: color_twist's hue and
-        # saturation act on the chroma plane only, so the gray level after them is the one before them.
-        saturation = _uniform(fn, *spec.factor_range(spec.saturation)) * (1 - gray)
-        view = fn.color_twist(view, saturation=saturation, dtype=types.FLOAT,
-                              hue=_uniform(fn, -spec.hue_degrees, spec.hue_degrees))  # DALI hue: degrees
-        # Float output then a saturating cast: measured cheaper than color_twist's own uint8 output.
-        view = fn.cast(view, dtype=types.UINT8)  # (S, S, 3) uint8, clamped to 0..255 as in torchvision
-    elif gray:
-        view = fn.cast(fn.color_twist(view, saturation=0.0, dtype=types.FLOAT), dtype=types.UINT8)
+    if _has_colour(spec):
+        view = _colour(fn, types, index, view)  # (S, S, 3) float, 0-255
     normalise = {"dtype": types.FLOAT, "output_layout": "CHW", "mirror": _coin(fn, types, spec.flip_p),
                  "mean": [255.0 * m for m in spec.mean], "std": [255.0 * s for s in spec.std]}
     if spec.solarize_p == 0:
         # Normalise first, then blur the planar float view: a blur is a weighted mean (it commutes with the
         # per-channel affine normalisation and, being symmetric, with the flip), and the planar (CHW) float
-        # blur measured cheaper than the interleaved (HWC) one, with no extra uint8 -> float pass.
+        # blur measured cheaper than the interleaved (HWC) one.
         view = fn.crop_mirror_normalize(view, **normalise)  # (3, S, S) float32
-        return _blur(fn, types, spec, group, view)
-    view = _blur(fn, types, spec, group, fn.cast(view, dtype=types.FLOAT))  # (S, S, 3) float, 0-255
+        return _blur(fn, types, spec, index, view)
+    if not _has_colour(spec):
+        view = fn.cast(view, dtype=types.FLOAT)
+    view = _blur(fn, types, spec, index, view)  # (S, S, 3) float, 0-255
     if _coin(fn, types, spec.solarize_p):  # after the blur, on the 0-255 scale: normalise last
         threshold = float(spec.solarize_threshold)
         view = view + (view >= threshold) * (255.0 - 2.0 * view)  # x < t: x; x >= t: 255 - x
     return fn.crop_mirror_normalize(view, **normalise)  # (3, S, S) float32
 
 
-def _blur(fn: Any, types: Any, spec: MultiCropSpec, group: CropGroup, view: Any) -> Any:
-    """Gaussian blur of a float view (HWC or CHW) for the samples whose blur coin came up."""
+def _has_colour(spec: MultiCropSpec) -> bool:
+    return spec.jitter_p > 0 or spec.grayscale_p > 0
+
+
+def _colour(fn: Any, types: Any, index: int, view: Any) -> Any:
+    """Colour jitter then grayscale (draws b, c, s, h of ``view_draws``) of a (S, S, 3) uint8 view: float
+    0-255 out. Every sample runs it (a sample without jitter draws the identity): cheaper on CPU than a
+    conditional, whose branches would need one output type, and a uint8 result would need DALI's slow
+    float -> uint8 conversion."""
     from nvidia.dali import math as dmath
 
-    if _coin(fn, types, spec.blur_p):
-        sigma = _uniform(fn, *spec.blur_sigma)
-        cap = spec.blur_kernel(group.size)
-        if 2 * math.ceil(3 * spec.blur_sigma[1]) + 1 <= cap:
-            view = fn.gaussian_blur(view, sigma=sigma)  # DALI's own window: 2 ceil(3 sigma) + 1, <= cap
-        else:
-            # 3 sigma each way, capped at the spec's (fixed) window, so that small sigmas cost small windows.
-            window = fn.cast(dmath.min(dmath.ceil(sigma * 3.0) * 2.0 + 1.0, float(cap)), dtype=types.INT32)
-            view = fn.gaussian_blur(view, sigma=sigma, window_size=window)
+    # Contrast pivots on the view's mean grey level, as in torchvision (color_twist's contrast would pivot
+    # on mid-grey). uint8 in, uint8 out (a lookup table: cheap): saturates like torchvision.
+    centre = fn.reductions.mean(fn.color_space_conversion(view, image_type=types.RGB, output_type=types.GRAY))
+    if centre.device == "gpu":
+        centre = centre.cpu()  # named arguments live on the CPU (a GPU->CPU copy of B floats)
+    view = fn.brightness_contrast(view, brightness=_draw(fn, types, index, "brightness", types.FLOAT),
+                                  contrast=_draw(fn, types, index, "contrast", types.FLOAT),
+                                  contrast_center=centre)  # (S, S, 3) uint8
+    # Saturation and hue (DALI's hue is in degrees); grayscale folded in as saturation 0: color_twist's hue
+    # and saturation act on the chroma plane only, so the grey level after them is the one before them.
+    view = fn.color_twist(view, saturation=_draw(fn, types, index, "saturation", types.FLOAT),
+                          hue=_draw(fn, types, index, "hue", types.FLOAT), dtype=types.FLOAT)
+    return dmath.max(dmath.min(view, 255.0), 0.0)  # saturates as torchvision; cheaper than DALI's clamp
+
+
+def _blur(fn: Any, types: Any, spec: MultiCropSpec, index: int, view: Any) -> Any:
+    """Gaussian blur of a float view (HWC or CHW) for the samples whose blur coin came up (``view_draws``)."""
+    if spec.blur_p == 0:
+        return view
+    if _draw(fn, types, index, "blur", types.BOOL):  # a DALI conditional
+        view = fn.gaussian_blur(view, sigma=_draw(fn, types, index, "sigma", types.FLOAT),
+                                window_size=_draw(fn, types, index, "window", types.INT32))
     return view
+
+
+def view_draws(spec: MultiCropSpec, group: CropGroup, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """The colour and blur parameters of one view for ``n`` samples, drawn as torchvision draws them.
+
+    Returns arrays of length n (float32 unless said): with colour (jitter_p or grayscale_p > 0),
+    ``brightness``, ``contrast`` and ``saturation`` factors and ``hue`` in degrees: drawn from the spec's
+    ranges where the jitter coin (probability jitter_p) came up, else the identity (1, 1, 1, 0); saturation
+    0 where the grayscale coin (grayscale_p) came up. With blur (blur_p > 0), ``blur`` (bool: the coin),
+    ``sigma`` in blur_sigma and ``window`` (int32): 3 sigma each way, 2 ceil(3 sigma) + 1, capped at the
+    spec's window for the view's size, so that small sigmas cost small windows.
+    """
+    draws: dict[str, np.ndarray] = {}
+    if _has_colour(spec):
+        jitter = rng.random(n) < spec.jitter_p
+        gray = rng.random(n) < spec.grayscale_p
+
+        def factor(f: float) -> np.ndarray:
+            return np.where(jitter, rng.uniform(*spec.factor_range(f), n), 1.0)
+
+        draws["brightness"] = factor(spec.brightness)
+        draws["contrast"] = factor(spec.contrast)
+        draws["saturation"] = factor(spec.saturation) * ~gray
+        draws["hue"] = np.where(jitter, rng.uniform(-spec.hue_degrees, spec.hue_degrees, n), 0.0)
+    if spec.blur_p > 0:
+        draws["blur"] = rng.random(n) < spec.blur_p
+        sigma = rng.uniform(*spec.blur_sigma, n)
+        draws["sigma"] = sigma
+        draws["window"] = np.minimum(2 * np.ceil(3 * sigma) + 1, spec.blur_kernel(group.size)).astype(np.int32)
+    return {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in draws.items()}
 
 
 def _reason(exc: Exception) -> str:
@@ -217,6 +261,7 @@ class DaliMultiCrop:
         self.on_bad = on_bad
         self.fused_decode = fused_decode
         self.n_rebuilds = 0
+        self._rng = np.random.default_rng(seed)  # colour and blur draws (view_draws); DALI draws crops, flips
         self._pipe: Any = None
         self._checker: Any = None
         self._pipe = self._build()
@@ -268,9 +313,12 @@ class DaliMultiCrop:
         """One run of the main pipeline on 1..batch_size encoded images; V tensors (n, 3, S, S)."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        self._pipe.feed_input(_INPUT, arrays)
-        outputs = self._pipe.run()
         n = len(arrays)
+        self._pipe.feed_input(_INPUT, arrays)
+        for index, group in enumerate(self.spec.view_groups):
+            for name, values in view_draws(self.spec, group, self._rng, n).items():
+                self._pipe.feed_input(_draw_name(index, name), values)  # one dense array: cheaper than a list
+        outputs = self._pipe.run()
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         views = []
         for out, size in zip(outputs, self.spec.view_sizes, strict=True):
@@ -372,4 +420,4 @@ class DaliMultiCrop:
         return [torch.cat(views) for views in zip(*parts, strict=True)], kept
 
 
-__all__ = ["DaliMultiCrop"]
+__all__ = ["DaliMultiCrop", "view_draws"]
