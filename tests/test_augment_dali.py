@@ -174,14 +174,39 @@ def test_view_draws_follow_the_spec() -> None:
     assert (np.abs(draws["hue"]) <= spec.hue_degrees).all()
     gray = draws["saturation"] == 0
     assert abs(gray.mean() - 0.25) < 0.02 and (draws["saturation"][~jittered & ~gray] == 1).all()
-    assert abs(draws["blur"].mean() - 0.4) < 0.02
-    windows = draws["window"]
-    assert (windows % 2 == 1).all() and windows.dtype == np.int32
-    expected = np.minimum(2 * np.ceil(3 * draws["sigma"]) + 1, spec.blur_kernel(big.size))
-    assert (windows == expected).all() and windows.max() == spec.blur_kernel(big.size) and windows.min() == 3
-    assert view_draws(spec, small, np.random.default_rng(0), 50)["window"].max() <= spec.blur_kernel(small.size)
+    blurred = draws["blur"]
+    assert abs(blurred.mean() - 0.4) < 0.02
+    k = spec.blur_kernel(big.size)
+    kernels = draws["blur_h"][:, 0, :]  # (n, k)
+    assert draws["blur_h"].shape == (n, 1, k) and draws["blur_v"].shape == (n, k, 1)
+    assert np.array_equal(draws["blur_v"][:, :, 0], kernels)
+    assert np.allclose(kernels.sum(axis=1), 1, atol=1e-5) and np.allclose(kernels, kernels[:, ::-1])
+    identity = np.zeros(k, np.float32)
+    identity[k // 2] = 1
+    assert (kernels[~blurred] == identity).all() and not (kernels[blurred] == identity).all(axis=1).any()
+    spread = np.sqrt((kernels[blurred] * (np.arange(k) - k // 2) ** 2).sum(axis=1))  # std of each kernel
+    assert spread.min() < 0.2 and 1.7 < spread.max() < 2.0  # sigma in (0.1, 2.0), the window trims the tails
+    assert view_draws(spec, small, np.random.default_rng(0), 5)["blur_h"].shape == (5, 1, spec.blur_kernel(small.size))
     plain = view_draws(spec.without_augmentation(), big, np.random.default_rng(0), 5)
     assert plain == {}  # nothing to draw: the graph has no colour or blur operators either
+
+
+def test_blur_matches_torchvision() -> None:
+    """Same crops with and without blur (the blur draws no DALI randomness): the blurred view is
+    torchvision's GaussianBlur of the plain one, with the spec's window and reflected borders."""
+    from torchvision.transforms.v2 import functional as tvf
+
+    from streamssl.augment.dali import DaliMultiCrop
+
+    noise = np.random.default_rng(4).integers(0, 256, (60, 70, 3), dtype=np.uint8)
+    images = [encode(noise, "PNG")] * 3
+    plain = SMALL.without_augmentation()
+    sigma = 1.3
+    sharp = DaliMultiCrop(plain, 3, seed=3)(images)[0]
+    blurred = DaliMultiCrop(replace(plain, blur_p=1.0, blur_sigma=(sigma, sigma)), 3, seed=3)(images)[0]
+    for view, group_view, size in zip(sharp, blurred, SMALL.view_sizes, strict=True):
+        expected = tvf.gaussian_blur(view, kernel_size=plain.blur_kernel(size), sigma=sigma)
+        assert torch.allclose(group_view, expected, atol=1e-4), (group_view - expected).abs().max()
 
 
 def test_blur_coins_all_down_and_single_samples() -> None:

@@ -17,28 +17,34 @@ in numpy (``view_draws``, seeded like the pipeline) and fed per run as one scala
          color_twist -> min/max         (saturation 0.8s, 0 when the grayscale coin came up; hue 0.2s of a
                                          turn = 72s degrees; float out, clamped to 0..255)
          crop_mirror_normalize          (flip coin, HWC -> CHW, (x/255 - mean) / std, float32)
-         if blur: gaussian_blur         (planar float; sigma in blur_sigma, window 3 sigma each way, capped)
+         if blur: filter, filter        (planar float; Gaussian of sigma in blur_sigma over the spec's window,
+                                         one 1D pass along rows, one along columns)
     Without jitter and grayscale the colour steps are left out. With solarize_p > 0 the last two steps
     become: blur, solarize (x >= t -> 255 - x) on the 0-255 scale, then crop_mirror_normalize.
 
 Decisions, measured with process CPU time (the machine was shared, wall clock was noisy) on 2 cores,
 2x224 + 6x96 views, batch 64, 400x300 px JPEGs, SwAV defaults; CPU ms per batch of 64:
 
-* All in, the default recipe costs ~490-530 ms (7.5-8.3 ms an image: decode ~30, the 8 antialiased crops
-  ~180, normalisation ~10, colour ~140, blur ~120); the torchvision twin ~1400 ms (~22 ms an image through
-  its DataLoader): ~2.7x less CPU. Wall clock with the 2 cores otherwise idle (2026-11, AVX-512 EPYC):
-  ~218-233 img/s with 2 threads, ~225-237 with 3, against ~91-95 img/s for the twin in a DataLoader with 2
-  workers. DALI's CPU kernels are scalar where torch's are vectorised: its antialiased resize costs ~0.9
-  ms a 224 px view against ~0.25-0.4 ms for torchvision's, its float -> uint8 conversions ~7 ns a value;
-  the gain is in colour and blur, and in one process with no per-image Python.
+* All in, the default recipe costs ~420-440 ms (6.6-6.9 ms an image: decode ~30, the 8 antialiased crops
+  ~180, normalisation ~10, colour ~140, blur ~50); the torchvision twin ~1400 ms (~22 ms an image through
+  its DataLoader): ~3.3x less CPU. Wall clock with the 2 cores otherwise idle (2026-11, AVX-512 EPYC):
+  ~269-281 img/s with 2 threads (3 threads: ~262-276), against ~94-98 img/s for the twin in a DataLoader
+  with 2 workers: 2.7-2.9x. Many of DALI's CPU kernels are scalar where torch's are vectorised: its
+  antialiased resize costs ~0.9 ms a 224 px view against ~0.25-0.4 ms for torchvision's, its float ->
+  uint8 conversions ~7 ns a value; the gain is in colour and blur, and in one process with no per-image
+  Python.
 * Decode once, then ``random_resized_crop`` per view: ~560 ms, against ~660-735 ms for the fused
   ``decoders.image_random_crop`` per view (8 ROI decodes of every image). The fused path stays available
   (``fused_decode=True``) for images much larger than the views, where decoding only the ROI wins.
-* Blur under a conditional: ~555 ms, against ~710 ms for blurring every view and blending with the coin.
-  The blur runs in float (uint8 blur: ~615 ms) with a per-sample window of 3 sigma each way, capped at
-  the spec's kernel: small sigmas get small windows. It runs after the normalisation, on the planar
-  (CHW) view (~520 ms, against ~540 ms blurring the interleaved view before it): a blur is a weighted
-  mean, so it commutes with the per-channel affine normalisation and, being symmetric, with the flip.
+* Blur: two 1D passes of ``fn.filter`` (OpenCV's vectorised filter2D on CPU, DALI PR 4764) with
+  Gaussian kernels made in numpy: ~16 ms a batch of 224 px planar float views with the 13-tap window,
+  against ~84 ms for ``gaussian_blur`` (a scalar separable convolution; ~46 ms even with 5 taps; uint8
+  HWC ~128 ms). The filter's cost is mostly passes over memory (3 taps ~9 ms, 23 taps ~23 ms), so every
+  sample of a view uses the spec's fixed window, as torchvision does: the two blurs agree to 1e-4. Under
+  a conditional (only the samples whose coin came up): ~6.5 ms an image all in, against ~7 with the
+  identity kernel for the others; the whole recipe went from ~7.6 to ~6.6 ms an image. The blur runs
+  after the normalisation, on the planar (CHW) view: a blur is a weighted mean, so it commutes with the
+  per-channel affine normalisation and, being symmetric, with the flip.
 * Colour: one brightness_contrast (uint8, a lookup table: ~5 ms a batch of 224 px views) and one
   color_twist to float (~30 ms), clamped with ``min``/``max`` (~4.5 ms; DALI's ``clamp`` ~24 ms, a
   saturating cast to uint8 ~22 ms, color_twist's own uint8 output ~89 ms), then crop_mirror_normalize
@@ -49,8 +55,7 @@ Decisions, measured with process CPU time (the machine was shared, wall clock wa
 * Views leave as ``torch.from_dlpack`` of DALI's outputs, without a copy (~120 MB per batch saved): the
   dynamic executor (``exec_dynamic=True``) hands every run fresh, reference-counted buffers, so a view
   stays valid and unchanged after later runs. On GPU the views are copied on the current torch stream.
-* ``n_threads``: the number of free cores where something else (the learner) fills the gaps; alone on 2
-  cores a third thread fills the idle time at the ~60 operator barriers of a run (~3% more img/s).
+* ``n_threads`` = number of free cores; 3 threads on 2 cores measured no better than 2.
 * Few small operators: each costs ~0.1 ms of scheduling per batch whatever its work (400 trivial ops:
   ~35 ms CPU, ~65 ms wall per batch), so random draws live inside the branches that use them instead of
   being blended in with coin arithmetic. 418 -> ~310 operators took ~555 -> ~535 ms.
@@ -118,9 +123,9 @@ def _crop(fn: Any, types: Any, spec: MultiCropSpec, group: CropGroup, encoded: A
                                   random_aspect_ratio=ratio, num_attempts=10, antialias=True)
 
 
-def _draw(fn: Any, types: Any, index: int, name: str, dtype: Any) -> Any:
-    """The per-sample draw ``name`` of view ``index``, fed each run from ``view_draws`` (a scalar a sample)."""
-    return fn.external_source(name=_draw_name(index, name), dtype=dtype, ndim=0)
+def _draw(fn: Any, types: Any, index: int, name: str, dtype: Any, ndim: int = 0) -> Any:
+    """The per-sample draw ``name`` of view ``index``, fed each run from ``view_draws``."""
+    return fn.external_source(name=_draw_name(index, name), dtype=dtype, ndim=ndim)
 
 
 def _draw_name(index: int, name: str) -> str:
@@ -181,13 +186,23 @@ def _colour(fn: Any, types: Any, index: int, view: Any) -> Any:
 
 
 def _blur(fn: Any, types: Any, spec: MultiCropSpec, index: int, view: Any) -> Any:
-    """Gaussian blur of a float view (HWC or CHW) for the samples whose blur coin came up (``view_draws``)."""
+    """Gaussian blur of a float view (HWC or CHW), for the samples whose blur coin came up: two 1D passes
+    of ``fn.filter`` (OpenCV's filter2D on CPU) with the per-sample kernels of ``view_draws``."""
     if spec.blur_p == 0:
         return view
     if _draw(fn, types, index, "blur", types.BOOL):  # a DALI conditional
-        view = fn.gaussian_blur(view, sigma=_draw(fn, types, index, "sigma", types.FLOAT),
-                                window_size=_draw(fn, types, index, "window", types.INT32))
+        for name in ("blur_h", "blur_v"):  # (1, k): along rows, then (k, 1): along columns
+            kernel = _draw(fn, types, index, name, types.FLOAT, ndim=2)
+            view = fn.filter(view, kernel.gpu() if view.device == "gpu" else kernel)
     return view
+
+
+def gaussian_kernels(sigma: np.ndarray, size: int) -> np.ndarray:
+    """Normalised 1D Gaussian kernels of odd width ``size``, one per sigma: (n, size) float32. Like
+    torchvision's GaussianBlur (a fixed window, the same weights)."""
+    x = np.arange(size) - size // 2
+    kernels = np.exp(-0.5 * (x[None, :] / np.asarray(sigma, dtype=np.float64)[:, None]) ** 2)
+    return (kernels / kernels.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def view_draws(spec: MultiCropSpec, group: CropGroup, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
@@ -196,9 +211,10 @@ def view_draws(spec: MultiCropSpec, group: CropGroup, rng: np.random.Generator, 
     Returns arrays of length n (float32 unless said): with colour (jitter_p or grayscale_p > 0),
     ``brightness``, ``contrast`` and ``saturation`` factors and ``hue`` in degrees: drawn from the spec's
     ranges where the jitter coin (probability jitter_p) came up, else the identity (1, 1, 1, 0); saturation
-    0 where the grayscale coin (grayscale_p) came up. With blur (blur_p > 0), ``blur`` (bool: the coin),
-    ``sigma`` in blur_sigma and ``window`` (int32): 3 sigma each way, 2 ceil(3 sigma) + 1, capped at the
-    spec's window for the view's size, so that small sigmas cost small windows.
+    0 where the grayscale coin (grayscale_p) came up. With blur (blur_p > 0), ``blur`` (bool: the coin)
+    and the Gaussian kernel of a sigma drawn in blur_sigma, over the spec's window k for the view's size
+    (``spec.blur_kernel``), as ``blur_h`` (n, 1, k) and ``blur_v`` (n, k, 1) (the identity kernel where
+    the coin is down; those samples skip the blur).
     """
     draws: dict[str, np.ndarray] = {}
     if _has_colour(spec):
@@ -213,10 +229,13 @@ def view_draws(spec: MultiCropSpec, group: CropGroup, rng: np.random.Generator, 
         draws["saturation"] = factor(spec.saturation) * ~gray
         draws["hue"] = np.where(jitter, rng.uniform(-spec.hue_degrees, spec.hue_degrees, n), 0.0)
     if spec.blur_p > 0:
-        draws["blur"] = rng.random(n) < spec.blur_p
-        sigma = rng.uniform(*spec.blur_sigma, n)
-        draws["sigma"] = sigma
-        draws["window"] = np.minimum(2 * np.ceil(3 * sigma) + 1, spec.blur_kernel(group.size)).astype(np.int32)
+        blur = rng.random(n) < spec.blur_p
+        kernels = gaussian_kernels(rng.uniform(*spec.blur_sigma, n), spec.blur_kernel(group.size))
+        kernels[~blur] = 0.0
+        kernels[~blur, kernels.shape[1] // 2] = 1.0  # the identity
+        draws["blur"] = blur
+        draws["blur_h"] = kernels[:, None, :]
+        draws["blur_v"] = kernels[:, :, None]
     return {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in draws.items()}
 
 

@@ -7,8 +7,8 @@ the same order as SwAV (Caron et al. 2020) and SimCLR: RandomResizedCrop (antial
 RandomSolarize -> float32 in [0, 1] -> Normalize. Known small differences from DALI, which the tests
 bound: torchvision applies the four jitter operations in a random order and shifts hue in HSV, DALI applies
 brightness/contrast then saturation/hue in a fixed order and shifts hue by a rotation about the gray axis
-(both pivot contrast on the mean gray level and saturate to 0..255); DALI truncates each blur kernel at
-3 sigma where torchvision uses the spec's fixed window (the weights beyond hold < 0.3% of the mass); a
+(both pivot contrast on the mean gray level and saturate to 0..255: torchvision after each step, DALI
+after brightness/contrast and after saturation/hue, unrounded); the blur is the same (the spec's window); a
 JPEG with corrupt entropy-coded data is decoded (with artefacts) by DALI but rejected by PIL.
 
 Two ways to run it:

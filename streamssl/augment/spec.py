@@ -133,7 +133,7 @@ class MultiCropSpec:
     def blur_kernel(self, size: int) -> int:
         """Odd Gaussian window (pixels) for views of side ``size``: SimCLR's 10% of the side, but no wider
         than 3 sigma_max either way (the Gaussian is ~0 beyond) and at least 3. torchvision blurs with this
-        fixed window; DALI uses it as the cap of a per-sample window of 3 sigma each way."""
+        fixed window, and so does DALI."""
         tenth = int(0.1 * size) // 2 * 2 + 1
         three_sigma = 2 * math.ceil(3 * self.blur_sigma[1]) + 1
         return max(3, min(tenth, three_sigma))
