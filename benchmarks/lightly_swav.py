@@ -97,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jitter-p", type=float, default=0.8, help="Colour jitter probability.")
     p.add_argument("--grayscale-p", type=float, default=0.0, help="Random grayscale probability.")
     p.add_argument("--blur-p", type=float, default=0.0, help="Gaussian blur probability.")
+    p.add_argument("--blur-sigma", type=float, nargs=2, default=[0.1, 2.0], help="Gaussian blur sigma range.")
     p.add_argument("--mean", type=float, nargs=3, default=[0.286] * 3, help="Normalisation mean per channel.")
     p.add_argument("--std", type=float, nargs=3, default=[0.353] * 3, help="Normalisation std per channel.")
     p.add_argument("--batch-size", type=int, default=64, help="Images per step.")
@@ -129,7 +130,8 @@ def make_transform(args: argparse.Namespace) -> Any:
                          crop_min_scales=tuple(args.min_scales), crop_max_scales=tuple(args.max_scales),
                          hf_prob=args.flip_p, cj_prob=args.jitter_p,
                          cj_strength=args.jitter_strength, random_gray_scale=args.grayscale_p,
-                         gaussian_blur=args.blur_p, normalize={"mean": list(args.mean), "std": list(args.std)})
+                         gaussian_blur=args.blur_p, sigmas=tuple(args.blur_sigma),
+                         normalize={"mean": list(args.mean), "std": list(args.std)})
 
 
 def save_snapshot(out: Path, model: LightlySwaV, info: dict[str, Any]) -> Path:

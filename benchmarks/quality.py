@@ -186,7 +186,7 @@ def lightly_command(args: argparse.Namespace, cfg: Config, out: Path) -> list[st
             "--sizes", *nums(a.sizes), "--counts", *nums(a.n_views),
             "--min-scales", *nums(a.min_scale), "--max-scales", *nums(a.max_scale),
             "--flip-p", f"{a.flip_p:g}", "--jitter-strength", f"{a.jitter_strength:g}", "--jitter-p", f"{a.jitter_p:g}",
-            "--grayscale-p", f"{a.grayscale_p:g}", "--blur-p", f"{a.blur_p:g}",
+            "--grayscale-p", f"{a.grayscale_p:g}", "--blur-p", f"{a.blur_p:g}", "--blur-sigma", *nums(a.blur_sigma),
             "--mean", *nums(a.mean), "--std", *nums(a.std),
             "--batch-size", str(lr.batch_size), "--hidden-dim", str(m.hidden_dim), "--out-dim", str(m.out_dim),
             "--bf16" if lr.bf16 and native_bf16("cpu") else "--no-bf16",  # as streamssl's learner decides
