@@ -57,8 +57,8 @@ Decisions, measured with process CPU time (the machine was shared, wall clock wa
   stays valid and unchanged after later runs. On GPU the views are copied on the current torch stream.
 * ``n_threads`` = number of free cores; 3 threads on 2 cores measured no better than 2.
 * Few small operators: each costs ~0.1 ms of scheduling per batch whatever its work (400 trivial ops:
-  ~35 ms CPU, ~65 ms wall per batch), so random draws live inside the branches that use them instead of
-  being blended in with coin arithmetic. 418 -> ~310 operators took ~555 -> ~535 ms.
+  ~35 ms CPU, ~65 ms wall per batch), so the colour and blur draws are made in numpy (above) and only
+  the crops and flips draw inside the graph.
 * Bad input: one undecodable image makes DALI raise and leaves the pipeline object unusable. We then
   rebuild the pipeline (~50-100 ms), find the offenders by decoding each sample alone through a one-sample
   decode-only pipeline (~50 ms for a batch of 64 with 1 or 3 offenders; that pipeline rebuilds in ~2 ms
@@ -138,7 +138,7 @@ def _distort(fn: Any, types: Any, spec: MultiCropSpec, index: int, view: Any) ->
     The colour and blur parameters are drawn in numpy (``view_draws``) and fed per run, so the graph holds
     no random or arithmetic operators for them: each operator costs ~0.1 ms of scheduling per batch,
     whatever its work. ``if`` on a DALI node is a DALI conditional (the pipeline enables them): the branch
-    runs only for the samples whose predicate holds, which is what makes the blur affordable on CPU.
+    runs only for the samples whose predicate holds (the blur: half the views at SwAV's blur_p).
     """
     if _has_colour(spec):
         view = _colour(fn, types, index, view)  # (S, S, 3) float, 0-255
