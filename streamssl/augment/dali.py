@@ -140,7 +140,8 @@ def _distort(fn: Any, types: Any, spec: MultiCropSpec, index: int, view: Any) ->
     whatever its work. ``if`` on a DALI node is a DALI conditional (the pipeline enables them): the branch
     runs only for the samples whose predicate holds (the blur: half the views at SwAV's blur_p).
     """
-    if _has_colour(spec):
+    coloured = _has_colour(spec)
+    if coloured:
         view = _colour(fn, types, index, view)  # (S, S, 3) float, 0-255
     normalise = {"dtype": types.FLOAT, "output_layout": "CHW", "mirror": _coin(fn, types, spec.flip_p),
                  "mean": [255.0 * m for m in spec.mean], "std": [255.0 * s for s in spec.std]}
@@ -150,7 +151,7 @@ def _distort(fn: Any, types: Any, spec: MultiCropSpec, index: int, view: Any) ->
         # blur measured cheaper than the interleaved (HWC) one.
         view = fn.crop_mirror_normalize(view, **normalise)  # (3, S, S) float32
         return _blur(fn, types, spec, index, view)
-    if not _has_colour(spec):
+    if not coloured:
         view = fn.cast(view, dtype=types.FLOAT)
     view = _blur(fn, types, spec, index, view)  # (S, S, 3) float, 0-255
     if _coin(fn, types, spec.solarize_p):  # after the blur, on the 0-255 scale: normalise last
@@ -164,10 +165,10 @@ def _has_colour(spec: MultiCropSpec) -> bool:
 
 
 def _colour(fn: Any, types: Any, index: int, view: Any) -> Any:
-    """Colour jitter then grayscale (draws b, c, s, h of ``view_draws``) of a (S, S, 3) uint8 view: float
-    0-255 out. Every sample runs it (a sample without jitter draws the identity): cheaper on CPU than a
-    conditional, whose branches would need one output type, and a uint8 result would need DALI's slow
-    float -> uint8 conversion."""
+    """Colour jitter then grayscale (brightness, contrast, saturation, hue of ``view_draws``) of a (S, S, 3)
+    uint8 view: float 0-255 out. Every sample runs it (a sample without jitter draws the identity): cheaper
+    on CPU than a conditional, whose branches would need one output type, and a uint8 result would need
+    DALI's slow float -> uint8 conversion."""
     from nvidia.dali import math as dmath
 
     # Contrast pivots on the view's mean grey level, as in torchvision (color_twist's contrast would pivot
