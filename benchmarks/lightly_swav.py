@@ -106,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-prototypes", type=int, default=512, help="Prototypes (lightly's CIFAR-10 recipe: 512).")
     p.add_argument("--freeze-prototypes-steps", type=int, default=0, help="Steps with frozen prototypes.")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (lightly's CIFAR-10 recipe: 2e-3).")
+    p.add_argument("--schedule", choices=("constant", "budget"), default="constant",
+                   help="constant (lightly's recipe), or budget: one cosine from --lr to --final-lr over the "
+                        "wall-clock budget (as streamssl's learner.schedule = budget).")
+    p.add_argument("--final-lr", type=float, default=0.0, help="Last learning rate of the budget schedule.")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bfloat16 autocast of the forward pass (the loss runs in float32).")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
@@ -184,6 +188,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if elapsed >= args.budget_s:
                 done = True
                 break
+            if args.schedule == "budget":
+                lr = args.final_lr + 0.5 * (args.lr - args.final_lr) * (1 + math.cos(math.pi * elapsed / args.budget_s))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             if args.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             model.prototypes.normalize()

@@ -192,6 +192,8 @@ def lightly_command(args: argparse.Namespace, cfg: Config, out: Path) -> list[st
             "--bf16" if lr.bf16 and native_bf16("cpu") else "--no-bf16",  # as streamssl's learner decides
             "--channels-last" if m.channels_last else "--no-channels-last",
             "--workers", "2", *(["--threads", str(cfg.run.threads)] if cfg.run.threads else []),
+            # the profile's schedule shape: a budget-fitted decay for one side only would decide the comparison
+            *(["--schedule", "budget", "--final-lr", f"{lr.final_lr:g}"] if lr.schedule == "budget" else []),
             *args.lightly_arg]
 
 

@@ -148,11 +148,12 @@ class LearnerConfig:
     optimizer: str = _f("lars", "lars (large batches), sgd or adamw (small batches, short runs).",
                         choices=("lars", "sgd", "adamw"))
     base_lr: float = _f(0.6, "Peak learning rate, reached at the end of warmup.", gt=0)
-    final_lr: float = _f(0.0006, "Cosine schedule: lowest learning rate of a cycle.", ge=0)
+    final_lr: float = _f(0.0006, "Cosine and budget schedules: the lowest learning rate.", ge=0)
     warmup_steps: int = _f(500, "Linear warmup from warmup_start_lr to base_lr.", ge=0)
     warmup_start_lr: float = _f(0.0, "Learning rate at step 0.", ge=0)
-    schedule: str = _f("constant", "After warmup: constant (unbounded runs) or cosine cycles.",
-                       choices=("constant", "cosine"))
+    schedule: str = _f("constant", "After warmup: constant (unbounded runs), cosine cycles of cycle_steps, or "
+                       "budget: one cosine to final_lr over the run's budget (run.max_steps, max_images or "
+                       "max_seconds, whichever ends first).", choices=("constant", "cosine", "budget"))
     cycle_steps: int = _f(100_000, "Cosine schedule: steps per cycle (restarts at base_lr).", ge=1)
     weight_decay: float = _f(1e-6, "Weight decay (not on BN and biases).", ge=0)
     momentum: float = _f(0.9, "SGD/LARS momentum; AdamW beta1.", ge=0, le=0.9999)
@@ -217,8 +218,9 @@ class RunConfig:
     device: str = _f("auto", "cpu, cuda, cuda:N or auto.")
     max_steps: int = _f(0, "Stop after this many steps. 0: run until stopped.", ge=0)
     max_images: int = _f(0, "Stop after this many images. 0: run until stopped.", ge=0)
-    max_seconds: float = _f(0.0, "Stop after this much wall-clock time in the loop (budgeted benchmarks). "
-                            "0: run until stopped.", ge=0)
+    max_seconds: float = _f(0.0, "Stop after this much wall-clock time in the loop (budgeted benchmarks), "
+                            "counted per process: a resumed run gets the whole budget again, and so does the "
+                            "budget schedule. 0: run until stopped.", ge=0)
     log_every_steps: int = _f(10, "One progress line every this many steps.", ge=1)
     threads: int = _f(0, "torch intra-op threads. 0: torch's default.", ge=0)
 
@@ -273,6 +275,10 @@ class Config:
         if max(self.learner.crops_for_assign) >= n_views:
             raise ConfigError(f"learner.crops_for_assign: view index {max(self.learner.crops_for_assign)} "
                               f"but only {n_views} views (augment.n_views)")
+        if self.learner.schedule == "budget" and not (self.run.max_steps or self.run.max_images
+                                                       or self.run.max_seconds):
+            raise ConfigError("learner.schedule = budget: needs a run budget to decay over (run.max_steps, "
+                              "run.max_images or run.max_seconds); unbounded runs use constant or cosine")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {s: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(self, s)).items()}

@@ -387,6 +387,15 @@ class Daemon:
         self.echo(f"metrics on http://{self.cfg.metrics.host}:{self.server.port}/metrics "
                   f"(health: /healthz)")
 
+    def budget_used(self, elapsed_s: float) -> float | None:
+        """Fraction of the run's budget used (the largest over run.max_steps, max_images and max_seconds,
+        measured as the loop measures them to stop), or None for an unbounded run."""
+        run = self.cfg.run
+        used = [done / limit for done, limit in ((self.learner.step_count, run.max_steps),
+                                                 (self.images, run.max_images), (elapsed_s, run.max_seconds))
+                if limit]
+        return min(max(used), 1.0) if used else None
+
     def run(self) -> RunSummary:
         cfg = self.cfg
         in_main = threading.current_thread() is threading.main_thread()
@@ -412,7 +421,7 @@ class Daemon:
                 wait_s = time.monotonic() - t
                 if batch is None:
                     break
-                stats = self.learner.step(batch.views)
+                stats = self.learner.step(batch.views, progress=self.budget_used(time.monotonic() - start))
                 if batch.position is not None:
                     self.position = batch.position
                 self.images += stats.n_images

@@ -145,11 +145,12 @@ class OnlineSwAV:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def step(self, views: Sequence[Tensor]) -> StepStats:
+    def step(self, views: Sequence[Tensor], progress: float | None = None) -> StepStats:
         """One SwAV step on a batch.
 
         Args:
             views: V tensors (B, 3, H_v, W_v), same B; views of equal size should be adjacent.
+            progress: fraction of the run's budget used, in [0, 1]; needed by the ``budget`` schedule only.
         """
         cfg, model = self.cfg, self.model
         n_views = len(views)
@@ -159,7 +160,7 @@ class OnlineSwAV:
         if any(v.shape[0] != batch for v in views):
             raise ValueError("every view needs the same batch size")
         t_start = time.perf_counter()
-        lr = lr_at(self.step_count, cfg)
+        lr = lr_at(self.step_count, cfg, progress)
         set_lr(self.optimizer, lr)
 
         buffers = [b.detach().clone() for b in model.buffers()]  # restored if the step is skipped

@@ -6,7 +6,10 @@ and biases (every tensor with ndim <= 1) get neither weight decay nor the trust 
 AdamW but no LARS; the few lines below are written here rather than pulling in a library for them.
 
 Schedules are pure functions of the optimizer step (never of epochs, which an unbounded stream does not have):
-linear warmup, then constant (the default for unbounded runs) or cosine cycles that restart at the peak.
+linear warmup, then constant (the default for unbounded runs), cosine cycles that restart at the peak, or one
+cosine over the run's budget. The last is for runs that know their end (``run.max_steps``, ``max_images`` or
+``max_seconds``): the daemon passes the fraction of the budget used, measured as it measures the budget, so
+the rate reaches ``final_lr`` exactly when the run stops, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -80,13 +83,21 @@ def build_optimizer(model: nn.Module, cfg: LearnerConfig) -> Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
-def lr_at(step: int, cfg: LearnerConfig) -> float:
-    """Learning rate at optimizer step ``step`` (0-based)."""
+def lr_at(step: int, cfg: LearnerConfig, progress: float | None = None) -> float:
+    """Learning rate at optimizer step ``step`` (0-based).
+
+    ``progress``: the fraction of the run's budget used so far, in [0, 1]; the ``budget`` schedule needs it.
+    """
     if step < cfg.warmup_steps:
         return cfg.warmup_start_lr + (cfg.base_lr - cfg.warmup_start_lr) * step / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.base_lr
-    t = ((step - cfg.warmup_steps) % cfg.cycle_steps) / cfg.cycle_steps
+    if cfg.schedule == "budget":
+        if progress is None:
+            raise ValueError("learner.schedule = budget needs the fraction of the run's budget used")
+        t = min(max(progress, 0.0), 1.0)
+    else:
+        t = ((step - cfg.warmup_steps) % cfg.cycle_steps) / cfg.cycle_steps
     return cfg.final_lr + 0.5 * (cfg.base_lr - cfg.final_lr) * (1 + math.cos(math.pi * t))
 
 

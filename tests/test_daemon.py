@@ -7,6 +7,7 @@ its stdout, its /metrics endpoint, its checkpoints, Redis.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -136,6 +137,35 @@ def test_in_process_run_with_local_store(tmp_path: Path) -> None:
 
     protos, meta = LocalPrototypeStore(tmp_path / "run" / "store").read()
     assert protos.shape == (16, 16) and meta.step == 5
+
+
+@pytest.mark.parametrize("budget", ["run.max_steps=6", "run.max_images=48"])
+def test_budget_schedule_decays_to_final_lr_when_the_run_stops(tmp_path: Path, budget: str) -> None:
+    shards = make_shards(tmp_path, 2)
+    cfg = config(tmp_path, f"source.urls=[\"{shards[0]}\"]", "source.cycle=true", budget, "metrics.port=-1",
+                 "learner.schedule=budget", "learner.final_lr=0.001")
+    summary = Daemon(cfg, echo=lambda _: None).run()
+    assert summary.steps == 6
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in history if "lr" in r]
+    # the lr of step n (1-based) is set before it, at n - 1 of 6 steps (8 images each) of the budget used
+    expected = [0.001 + 0.5 * (0.05 - 0.001) * (1 + math.cos(math.pi * (n - 1) / 6)) for n in range(1, 7)]
+    assert lrs == pytest.approx(expected, abs=1e-6)
+
+
+def test_budget_schedule_needs_a_budget(tmp_path: Path) -> None:
+    from streamssl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a run budget"):
+        config(tmp_path, "learner.schedule=budget")
+    timed = Daemon(config(tmp_path, "learner.schedule=budget", "run.max_seconds=60", "run.max_steps=100",
+                          "metrics.port=-1"), echo=lambda _: None)
+    assert timed.budget_used(15.0) == pytest.approx(0.25)  # time runs out first: 0 of 100 steps done
+    timed.learner.step_count = 50
+    assert timed.budget_used(15.0) == pytest.approx(0.5)  # now the steps lead
+    assert timed.budget_used(600.0) == 1.0
+    unbounded = Daemon(config(tmp_path, "metrics.port=-1"), echo=lambda _: None)
+    assert unbounded.budget_used(1e6) is None
 
 
 def test_pattern_source_resume_skips_no_shard(tmp_path: Path) -> None:

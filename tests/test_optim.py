@@ -70,3 +70,16 @@ def test_build_optimizer(name: str, cls: type) -> None:
     assert isinstance(opt, cls)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
     assert not math.isnan(opt.param_groups[0]["lr"])
+
+
+def test_budget_schedule_follows_the_fraction_of_the_budget_used() -> None:
+    cfg = LearnerConfig(base_lr=1.0, final_lr=0.01, warmup_steps=10, schedule="budget")
+    assert lr_at(5, cfg, progress=0.9) == pytest.approx(0.5)  # warmup still counts in steps
+    assert lr_at(10, cfg, progress=0.0) == pytest.approx(1.0)
+    assert lr_at(10**6, cfg, progress=0.5) == pytest.approx(0.505)  # the step count does not matter
+    assert lr_at(11, cfg, progress=1.0) == pytest.approx(0.01)
+    assert lr_at(11, cfg, progress=1.7) == pytest.approx(0.01)  # past the end: stays at final_lr
+    lrs = [lr_at(20, cfg, progress=p / 10) for p in range(11)]
+    assert lrs == sorted(lrs, reverse=True)
+    with pytest.raises(ValueError, match="budget"):
+        lr_at(20, cfg)
