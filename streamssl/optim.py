@@ -5,9 +5,9 @@ tensor's update is scaled by ``eta * ||w|| / (||g|| + wd * ||w||)``. As in SimCL
 and biases (every tensor with ndim <= 1) get neither weight decay nor the trust ratio. torch ships SGD and
 AdamW but no LARS; the few lines below are written here rather than pulling in a library for them.
 
-Schedules are pure functions of the optimizer step (never of epochs, which an unbounded stream does not have):
-linear warmup, then constant (the default for unbounded runs), cosine cycles that restart at the peak, or one
-cosine over the run's budget. The last is for runs that know their end (``run.max_steps``, ``max_images`` or
+Schedules are pure functions of the optimizer step, and for a bounded run of the fraction of its budget used
+(never of epochs, which an unbounded stream does not have): linear warmup, then constant (the default for
+unbounded runs), cosine cycles that restart at the peak, or one cosine over the run's budget. The last is for runs that know their end (``run.max_steps``, ``max_images`` or
 ``max_seconds``): the daemon passes the fraction of the budget used, measured as it measures the budget, so
 the rate reaches ``final_lr`` exactly when the run stops, whatever the machine's speed.
 """
