@@ -7,9 +7,10 @@ AdamW but no LARS; the few lines below are written here rather than pulling in a
 
 Schedules are pure functions of the optimizer step, and for a bounded run of the fraction of its budget used
 (never of epochs, which an unbounded stream does not have): linear warmup, then constant (the default for
-unbounded runs), cosine cycles that restart at the peak, or one cosine over the run's budget. The last is for runs that know their end (``run.max_steps``, ``max_images`` or
-``max_seconds``): the daemon passes the fraction of the budget used, measured as it measures the budget, so
-the rate reaches ``final_lr`` exactly when the run stops, whatever the machine's speed.
+unbounded runs), cosine cycles that restart at the peak, or one cosine over the run's budget. The last is for
+runs that know their end (``run.max_steps``, ``max_images`` or ``max_seconds``): the daemon passes the
+fraction of the budget used, measured as it measures the budget, so the rate reaches ``final_lr`` exactly
+when the run stops, whatever the machine's speed.
 """
 
 from __future__ import annotations
