@@ -39,8 +39,10 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from streamssl.config import LearnerConfig
 from streamssl.eval import FASHION_MNIST_DIR, load_fashion_mnist
 from streamssl.model import TRUNK_DIMS, make_trunk
+from streamssl.optim import lr_at, set_lr
 
 
 class UnlabeledImages(Dataset):
@@ -166,6 +168,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     criterion = SwaVLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # the budget schedule is streamssl's own (no warmup: lightly's recipe has none)
+    schedule = (LearnerConfig(base_lr=args.lr, final_lr=args.final_lr, warmup_steps=0, schedule="budget")
+                if args.schedule == "budget" else None)
     n_high = args.counts[0]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     meta = {"lightly": str(lightly.__version__), "torch": str(torch.__version__), "threads": torch.get_num_threads(),
@@ -188,10 +193,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if elapsed >= args.budget_s:
                 done = True
                 break
-            if args.schedule == "budget":
-                lr = args.final_lr + 0.5 * (args.lr - args.final_lr) * (1 + math.cos(math.pi * elapsed / args.budget_s))
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+            if schedule is not None:
+                set_lr(optimizer, lr_at(step, schedule, progress=elapsed / args.budget_s))
             if args.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             model.prototypes.normalize()

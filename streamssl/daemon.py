@@ -388,8 +388,8 @@ class Daemon:
                   f"(health: /healthz)")
 
     def budget_used(self, elapsed_s: float) -> float | None:
-        """Fraction of the run's budget used (the largest over run.max_steps, max_images and max_seconds,
-        measured as the loop measures them to stop), or None for an unbounded run."""
+        """Fraction of the run's budget used: the largest over run.max_steps, max_images and max_seconds,
+        capped at 1 (the loop stops there), or None for an unbounded run."""
         run = self.cfg.run
         used = [done / limit for done, limit in ((self.learner.step_count, run.max_steps),
                                                  (self.images, run.max_images), (elapsed_s, run.max_seconds))
@@ -410,11 +410,8 @@ class Daemon:
             data = self._data()
             window_images, window_wait, window_start = 0, 0.0, time.monotonic()
             while not self._signals:
-                if cfg.run.max_steps and self.learner.step_count >= cfg.run.max_steps:
-                    break
-                if cfg.run.max_images and self.images >= cfg.run.max_images:
-                    break
-                if cfg.run.max_seconds and time.monotonic() - start >= cfg.run.max_seconds:
+                used = self.budget_used(time.monotonic() - start)
+                if used is not None and used >= 1.0:
                     break
                 t = time.monotonic()
                 batch = next(data, None)
