@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="3x3 stride-1 first conv and no max-pool (the CIFAR stem).")
     p.add_argument("--stem-stride", type=int, default=1, choices=(1, 2),
                    help="Stride of the small stem's conv (streamssl's model.stem_stride).")
+    p.add_argument("--stem-pool", action=argparse.BooleanOptionalAction, default=False,
+                   help="Keep the 3x3/2 max-pool after the small stem's conv (streamssl's model.stem_pool).")
     p.add_argument("--sizes", type=int, nargs="+", default=[28], help="View side per crop group.")
     p.add_argument("--counts", type=int, nargs="+", default=[2], help="Views per crop group.")
     p.add_argument("--min-scales", type=float, nargs="+", default=[0.3], help="Crop area minimum per group.")
@@ -161,7 +163,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         drop_last=True, persistent_workers=args.workers > 0,
                         generator=torch.Generator().manual_seed(args.seed))
-    trunk = make_trunk(args.arch, small_stem=args.small_stem, stem_stride=args.stem_stride)
+    trunk = make_trunk(args.arch, small_stem=args.small_stem, stem_stride=args.stem_stride, stem_pool=args.stem_pool)
     model = LightlySwaV(trunk, TRUNK_DIMS[args.arch], args.hidden_dim, args.out_dim, args.n_prototypes,
                         args.freeze_prototypes_steps)
     if args.channels_last:
@@ -177,7 +179,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version()}
     log = open(args.out / "log.jsonl", "a", buffering=1)  # noqa: SIM115 - kept open for the run
     print(f"lightly {lightly.__version__} SwaV: {args.arch} (small stem {args.small_stem}, stride "
-          f"{args.stem_stride}), batch "
+          f"{args.stem_stride}, max-pool {args.stem_pool}), batch "
           f"{args.batch_size}, views {args.counts}x{args.sizes}, K={args.n_prototypes}, budget {args.budget_s:.0f} s",
           flush=True)
 
@@ -238,7 +240,8 @@ def load_snapshot_trunk(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The trunk of a snapshot written by this script (eval mode) and the snapshot's info."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     cfg = state["config"]
-    trunk = make_trunk(cfg["arch"], small_stem=cfg["small_stem"], stem_stride=cfg.get("stem_stride", 1))
+    trunk = make_trunk(cfg["arch"], small_stem=cfg["small_stem"], stem_stride=cfg.get("stem_stride", 1),
+                       stem_pool=cfg.get("stem_pool", False))
     trunk.load_state_dict(state["trunk"])
     return trunk.eval(), {k: v for k, v in state.items() if k != "trunk"}
 

@@ -183,6 +183,7 @@ def lightly_command(args: argparse.Namespace, cfg: Config, out: Path) -> list[st
             "--budget-s", f"{args.budget_min * 60:g}", "--snapshot-s", f"{args.snapshot_min * 60:g}",
             "--fashion-mnist", args.fashion_mnist, "--arch", m.arch,
             "--small-stem" if m.small_stem else "--no-small-stem", "--stem-stride", str(m.stem_stride),
+            "--stem-pool" if m.stem_pool else "--no-stem-pool",
             "--sizes", *nums(a.sizes), "--counts", *nums(a.n_views),
             "--min-scales", *nums(a.min_scale), "--max-scales", *nums(a.max_scale),
             "--flip-p", f"{a.flip_p:g}", "--jitter-strength", f"{a.jitter_strength:g}", "--jitter-p", f"{a.jitter_p:g}",
@@ -291,7 +292,8 @@ def baselines(cfg: Config, train: LabeledImages, test: LabeledImages, args: argp
     pixels = knn(None, train, test, 28, PIXEL_MEAN, PIXEL_STD, args)
     print(f"raw pixels                          top-1 {pixels['top1']:.4f}", flush=True)
     torch.manual_seed(0)
-    trunk = make_trunk(cfg.model.arch, small_stem=cfg.model.small_stem, stem_stride=cfg.model.stem_stride).eval()
+    trunk = make_trunk(cfg.model.arch, small_stem=cfg.model.small_stem, stem_stride=cfg.model.stem_stride,
+                       stem_pool=cfg.model.stem_pool).eval()
     size = eval_size(args, cfg.augment.sizes[0])
     untrained = knn(trunk, train, test, size, cfg.augment.mean, cfg.augment.std, args)
     print(f"untrained {cfg.model.arch:<26}top-1 {untrained['top1']:.4f}", flush=True)
@@ -299,7 +301,8 @@ def baselines(cfg: Config, train: LabeledImages, test: LabeledImages, args: argp
                        "std": PIXEL_STD},
             "untrained": {"top1": untrained["top1"], "top5": untrained["top5"], "arch": cfg.model.arch,
                           "small_stem": cfg.model.small_stem,
-                          "stem_stride": cfg.model.stem_stride, "image_size": size, "seed": 0}}
+                          "stem_stride": cfg.model.stem_stride, "stem_pool": cfg.model.stem_pool,
+                          "image_size": size, "seed": 0}}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -381,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         "snapshot_s": args.snapshot_min * 60, "profile": args.profile, "overrides": args.overrides,
         "machine": machine_info(), "started_at": time.time(),
         "views": {"n_views": list(cfg.augment.n_views), "sizes": list(cfg.augment.sizes)},
-        "trunk": {"arch": cfg.model.arch, "small_stem": cfg.model.small_stem, "stem_stride": cfg.model.stem_stride},
+        "trunk": {"arch": cfg.model.arch, "small_stem": cfg.model.small_stem, "stem_stride": cfg.model.stem_stride,
+                  "stem_pool": cfg.model.stem_pool},
         "batch_size": cfg.learner.batch_size,
         "commands": {"quality": [sys.executable, *sys.argv]},
     }

@@ -121,6 +121,9 @@ class ModelConfig:
     small_stem: bool = _f(False, "3x3 stride-1 first conv and no max-pool, for 32-96 px inputs.")
     stem_stride: int = _f(1, "Stride of the small stem's conv: 2 halves the resolution of every stage (~3x the "
                           "images/s on CPU) for small inputs on slow machines. Needs small_stem.", choices=(1, 2))
+    stem_pool: bool = _f(False, "Keep torchvision's 3x3/2 max-pool after the small stem's conv: with stem_stride "
+                         "1, the stage sizes and about the cost of stride 2, but the first conv sees every "
+                         "pixel. Needs small_stem.")
     hidden_dim: int = _f(2048, "Projection head hidden width. 0: a single linear layer.", ge=0)
     out_dim: int = _f(128, "Embedding dimension D. 0: no head, prototypes sit on the trunk features.", ge=0)
     n_prototypes: int = _f(3000, "Number of prototypes K. About 10x the expected number of classes.", ge=2)
@@ -129,6 +132,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.stem_stride != 1 and not self.small_stem:
             raise ConfigError("model.stem_stride: 2 needs model.small_stem = true")
+        if self.stem_pool and not self.small_stem:
+            raise ConfigError("model.stem_pool: needs model.small_stem = true (the default stem pools already)")
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ torchvision: a plain ``state_dict`` (tensors only; loads with ``torch.load(weigh
 into ``torchvision.models.<arch>()`` with ``load_state_dict(strict=True)``. SwAV trains no classifier, so the
 ``fc`` layer is written as zeros of torchvision's default shape (1000 classes): replace it (``model.fc =
 nn.Linear(F, n)``) to fine-tune, or set ``model.fc = nn.Identity()`` to get exactly streamssl's features.
-A small-stem trunk (3x3 stride-1 first conv, no max-pool) has a different ``conv1``: build the model with
-``streamssl.export.torchvision_model(meta)``, which applies the same change, before loading. A JSON file
+A small-stem trunk (3x3 first conv, no max-pool unless ``stem_pool``) has a different ``conv1``: build the model
+with ``streamssl.export.torchvision_model(meta)``, which applies the same change, before loading. A JSON file
 beside the export records arch, stem, feature dimension and input normalisation.
 
 TorchScript and ONNX exports map (B, 3, H, W) normalised images to (B, F) trunk features.
@@ -33,7 +33,8 @@ def torchvision_model(meta: dict[str, Any]) -> nn.Module:
     model = getattr(torchvision.models, meta["arch"])(weights=None)
     if meta.get("small_stem"):
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=int(meta.get("stem_stride", 1)), padding=1, bias=False)
-        model.maxpool = nn.Identity()
+        if not meta.get("stem_pool"):
+            model.maxpool = nn.Identity()
     return model
 
 
@@ -45,7 +46,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
     model_cfg, augment_cfg = config["model"], config["augment"]
     size = int(augment_cfg["sizes"][0])
     meta = {"format": fmt, "arch": model_cfg["arch"], "small_stem": bool(model_cfg["small_stem"]),
-            "stem_stride": int(model_cfg.get("stem_stride", 1)),
+            "stem_stride": int(model_cfg.get("stem_stride", 1)), "stem_pool": bool(model_cfg.get("stem_pool", False)),
             "feature_dim": TRUNK_DIMS[model_cfg["arch"]], "input_size": size,
             "mean": list(augment_cfg["mean"]), "std": list(augment_cfg["std"]), "source": str(checkpoint)}
     out = Path(out)

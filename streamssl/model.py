@@ -20,23 +20,29 @@ from streamssl.config import ModelConfig
 TRUNK_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
 
-def make_trunk(arch: str, *, small_stem: bool = False, stem_stride: int = 1) -> nn.Module:
+def make_trunk(arch: str, *, small_stem: bool = False, stem_stride: int = 1, stem_pool: bool = False) -> nn.Module:
     """A randomly initialised torchvision ResNet with ``fc`` replaced by Identity: images -> (B, F) features.
 
-    ``small_stem`` replaces the 7x7/2 conv and the max-pool by a 3x3 conv of stride ``stem_stride`` (1: the
-    usual CIFAR/STL adaptation, keeping 32-96 px inputs from being shrunk 4x before the first block; 2: half
-    the resolution, about a third of the compute, for small images on slow machines).
+    ``small_stem`` replaces the 7x7/2 conv by a 3x3 conv of stride ``stem_stride`` and drops the max-pool
+    (1: the usual CIFAR/STL adaptation, keeping 32-96 px inputs from being shrunk 4x before the first block;
+    2: half the resolution, about a third of the compute, for small images on slow machines). ``stem_pool``
+    keeps torchvision's 3x3/2 max-pool after the small stem's conv: with stride 1, the same stage sizes and
+    nearly the compute of stride 2, but the first conv sees every pixel and the pool keeps its strongest
+    responses instead of every other one.
     """
     if arch not in TRUNK_DIMS:
         raise ValueError(f"unknown trunk {arch!r}; choose from {', '.join(TRUNK_DIMS)}")
     if stem_stride not in (1, 2) or (stem_stride != 1 and not small_stem):
         raise ValueError(f"stem_stride {stem_stride}: 1, or 2 with the small stem")
+    if stem_pool and not small_stem:
+        raise ValueError("stem_pool needs the small stem (the default stem has its max-pool already)")
     # zero_init_residual: each residual branch starts as identity, as in the SwAV and SimCLR recipes.
     trunk = getattr(torchvision.models, arch)(weights=None, zero_init_residual=True)
     if small_stem:
         trunk.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
-        trunk.maxpool = nn.Identity()
+        if not stem_pool:
+            trunk.maxpool = nn.Identity()
     trunk.fc = nn.Identity()
     return trunk
 
@@ -61,7 +67,8 @@ class SwAVModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.trunk = make_trunk(cfg.arch, small_stem=cfg.small_stem, stem_stride=cfg.stem_stride)
+        self.trunk = make_trunk(cfg.arch, small_stem=cfg.small_stem, stem_stride=cfg.stem_stride,
+                                stem_pool=cfg.stem_pool)
         self.feature_dim = TRUNK_DIMS[cfg.arch]
         self.head = make_head(self.feature_dim, cfg.hidden_dim, cfg.out_dim)
         self.embed_dim = cfg.out_dim or self.feature_dim

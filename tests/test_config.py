@@ -63,6 +63,7 @@ def test_lists_from_overrides_and_env() -> None:
     ("model.arch=vgg16", "model.arch"),
     ("model.stem_stride=3", "model.stem_stride"),
     ("model.stem_stride=2", "model.stem_stride"),  # the default stem has no stride to set
+    ("model.stem_pool=true", "model.stem_pool"),  # ... and its max-pool already
     ("metrics.port=70000", "metrics.port"),
     ("augment.flip_p=1.5", "augment.flip_p"),
     ("augment.sizes=[224]", "augment.n_views"),

@@ -19,9 +19,10 @@ from streamssl.learner import OnlineSwAV
 from streamssl.synthetic import view_stream
 
 
-def make_checkpoint(folder: Path, small_stem: bool, stem_stride: int = 1) -> Path:
+def make_checkpoint(folder: Path, small_stem: bool, stem_stride: int = 1, stem_pool: bool = False) -> Path:
     cfg = resolve(None, environ={}, overrides=[
         "model.arch=resnet18", f"model.small_stem={str(small_stem).lower()}", f"model.stem_stride={stem_stride}",
+        f"model.stem_pool={str(stem_pool).lower()}",
         "augment.sizes=[32,16]",
         "model.n_prototypes=16", "model.hidden_dim=32", "model.out_dim=16", "learner.batch_size=8",
         "learner.optimizer=sgd", "learner.base_lr=0.1", "learner.warmup_steps=0"])
@@ -38,11 +39,12 @@ def images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("small_stem,stem_stride", [(False, 1), (True, 1), (True, 2)])
+@pytest.mark.parametrize("small_stem,stem_stride,stem_pool",
+                         [(False, 1, False), (True, 1, False), (True, 2, False), (True, 1, True)])
 def test_torchvision_export_loads_strictly_and_matches(tmp_path: Path, small_stem: bool, stem_stride: int,
-                                                       images: torch.Tensor) -> None:
-    # the stride leaves every weight shape alone: only the features tell a wrongly rebuilt stem
-    ckpt = make_checkpoint(tmp_path, small_stem, stem_stride)
+                                                       stem_pool: bool, images: torch.Tensor) -> None:
+    # stride and pool leave every weight shape alone: only the features tell a wrongly rebuilt stem
+    ckpt = make_checkpoint(tmp_path, small_stem, stem_stride, stem_pool)
     out = tmp_path / "resnet18.pth"
     meta = export(ckpt, "torchvision", out)
     assert json.loads(Path(f"{out}.json").read_text()) == meta

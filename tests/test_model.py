@@ -66,6 +66,18 @@ def test_stem_stride_halves_resolution() -> None:
         make_trunk("resnet18", small_stem=False, stem_stride=2)
 
 
+def test_stem_pool_keeps_the_max_pool_after_a_full_resolution_conv() -> None:
+    trunk = make_trunk("resnet18", small_stem=True, stem_stride=1, stem_pool=True)
+    shapes: dict[str, tuple[int, ...]] = {}
+    trunk.conv1.register_forward_hook(lambda m, i, o: shapes.__setitem__("conv1", tuple(o.shape)))
+    trunk.layer1.register_forward_hook(lambda m, i, o: shapes.__setitem__("layer1", tuple(o.shape)))
+    trunk(torch.randn(2, 3, 28, 28))
+    assert shapes == {"conv1": (2, 64, 28, 28), "layer1": (2, 64, 14, 14)}
+    assert isinstance(trunk.maxpool, torch.nn.MaxPool2d) and trunk.conv1.kernel_size == (3, 3)
+    with pytest.raises(ValueError, match="small stem"):
+        make_trunk("resnet18", small_stem=False, stem_pool=True)
+
+
 @pytest.mark.parametrize("arch,dim", [("resnet34", 512), ("resnet50", 2048)])
 def test_other_trunks(arch: str, dim: int) -> None:
     model = SwAVModel(ModelConfig(arch=arch, hidden_dim=0, out_dim=0, n_prototypes=4))
