@@ -118,7 +118,8 @@ class ModelConfig:
     """Trunk, projection head and prototypes (model.py)."""
 
     arch: str = _f("resnet50", "torchvision ResNet trunk.", choices=("resnet18", "resnet34", "resnet50"))
-    small_stem: bool = _f(False, "3x3 stride-1 first conv and no max-pool, for 32-96 px inputs.")
+    small_stem: bool = _f(False, "3x3 first conv (stride: stem_stride) and no max-pool (unless "
+                          "stem_pool), for 28-96 px inputs.")
     stem_stride: int = _f(1, "Stride of the small stem's conv: 2 halves the resolution of every stage (~3x the "
                           "images/s on CPU) for small inputs on slow machines. Needs small_stem.", choices=(1, 2))
     stem_pool: bool = _f(False, "Keep torchvision's 3x3/2 max-pool after the small stem's conv: with stem_stride "
