@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from streamssl.config import LearnerConfig
 from streamssl.eval import FASHION_MNIST_DIR, load_fashion_mnist
-from streamssl.model import TRUNK_DIMS, make_trunk
+from streamssl.model import TRUNK_DIMS, make_trunk, stem_of
 from streamssl.optim import lr_at, set_lr
 
 
@@ -240,8 +240,7 @@ def load_snapshot_trunk(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The trunk of a snapshot written by this script (eval mode) and the snapshot's info."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     cfg = state["config"]
-    trunk = make_trunk(cfg["arch"], small_stem=cfg["small_stem"], stem_stride=cfg.get("stem_stride", 1),
-                       stem_pool=cfg.get("stem_pool", False))
+    trunk = make_trunk(cfg["arch"], **stem_of(cfg))
     trunk.load_state_dict(state["trunk"])
     return trunk.eval(), {k: v for k, v in state.items() if k != "trunk"}
 

@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ from streamssl.eval import (
     topk_accuracy,
 )
 from streamssl.learner import native_bf16
-from streamssl.model import make_trunk
+from streamssl.model import make_trunk, stem_of
 
 HERE = Path(__file__).resolve().parent
 PROFILE = HERE.parent / "pipelines" / "fmnist-cpu.toml"
@@ -292,16 +293,14 @@ def baselines(cfg: Config, train: LabeledImages, test: LabeledImages, args: argp
     pixels = knn(None, train, test, 28, PIXEL_MEAN, PIXEL_STD, args)
     print(f"raw pixels                          top-1 {pixels['top1']:.4f}", flush=True)
     torch.manual_seed(0)
-    trunk = make_trunk(cfg.model.arch, small_stem=cfg.model.small_stem, stem_stride=cfg.model.stem_stride,
-                       stem_pool=cfg.model.stem_pool).eval()
+    stem = stem_of(asdict(cfg.model))
+    trunk = make_trunk(cfg.model.arch, **stem).eval()
     size = eval_size(args, cfg.augment.sizes[0])
     untrained = knn(trunk, train, test, size, cfg.augment.mean, cfg.augment.std, args)
     print(f"untrained {cfg.model.arch:<26}top-1 {untrained['top1']:.4f}", flush=True)
     return {"pixels": {"top1": pixels["top1"], "top5": pixels["top5"], "image_size": 28, "mean": PIXEL_MEAN,
                        "std": PIXEL_STD},
-            "untrained": {"top1": untrained["top1"], "top5": untrained["top5"], "arch": cfg.model.arch,
-                          "small_stem": cfg.model.small_stem,
-                          "stem_stride": cfg.model.stem_stride, "stem_pool": cfg.model.stem_pool,
+            "untrained": {"top1": untrained["top1"], "top5": untrained["top5"], "arch": cfg.model.arch, **stem,
                           "image_size": size, "seed": 0}}
 
 
@@ -384,8 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         "snapshot_s": args.snapshot_min * 60, "profile": args.profile, "overrides": args.overrides,
         "machine": machine_info(), "started_at": time.time(),
         "views": {"n_views": list(cfg.augment.n_views), "sizes": list(cfg.augment.sizes)},
-        "trunk": {"arch": cfg.model.arch, "small_stem": cfg.model.small_stem, "stem_stride": cfg.model.stem_stride,
-                  "stem_pool": cfg.model.stem_pool},
+        "trunk": {"arch": cfg.model.arch, **stem_of(asdict(cfg.model))},
         "batch_size": cfg.learner.batch_size,
         "commands": {"quality": [sys.executable, *sys.argv]},
     }

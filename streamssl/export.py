@@ -19,22 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from streamssl.eval import load_trunk
-from streamssl.model import TRUNK_DIMS
+from streamssl.model import TRUNK_DIMS, make_trunk, stem_of
 
 FORMATS = ("torchvision", "torchscript", "onnx")
 
 
 def torchvision_model(meta: dict[str, Any]) -> nn.Module:
-    """A torchvision ResNet shaped like the exported trunk (default 1000-class fc), ready for load_state_dict."""
-    model = getattr(torchvision.models, meta["arch"])(weights=None)
-    if meta.get("small_stem"):
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=int(meta.get("stem_stride", 1)), padding=1, bias=False)
-        if not meta.get("stem_pool"):
-            model.maxpool = nn.Identity()
+    """A torchvision ResNet shaped like the exported trunk (default 1000-class fc), ready for load_state_dict.
+
+    The stem is built by ``make_trunk`` itself, so the export cannot drift from the trained trunk.
+    """
+    model = make_trunk(meta["arch"], **stem_of(meta))
+    model.fc = nn.Linear(TRUNK_DIMS[meta["arch"]], 1000)  # torchvision's default classifier shape
     return model
 
 
@@ -45,8 +44,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
     trunk, config = load_trunk(checkpoint)
     model_cfg, augment_cfg = config["model"], config["augment"]
     size = int(augment_cfg["sizes"][0])
-    meta = {"format": fmt, "arch": model_cfg["arch"], "small_stem": bool(model_cfg["small_stem"]),
-            "stem_stride": int(model_cfg.get("stem_stride", 1)), "stem_pool": bool(model_cfg.get("stem_pool", False)),
+    meta = {"format": fmt, "arch": model_cfg["arch"], **stem_of(model_cfg),
             "feature_dim": TRUNK_DIMS[model_cfg["arch"]], "input_size": size,
             "mean": list(augment_cfg["mean"]), "std": list(augment_cfg["std"]), "source": str(checkpoint)}
     out = Path(out)

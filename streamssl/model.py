@@ -8,7 +8,8 @@ sends views of equal size through the trunk together (one batch-norm batch per r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,13 @@ from torch import Tensor, nn
 from streamssl.config import ModelConfig
 
 TRUNK_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+
+
+def stem_of(values: Mapping[str, Any]) -> dict[str, Any]:
+    """make_trunk's stem arguments from a model config as a dict (a checkpoint's, an export's metadata); keys
+    that an older checkpoint lacks get ModelConfig's defaults, which build the stem it was trained with."""
+    defaults = ModelConfig()
+    return {k: values.get(k, getattr(defaults, k)) for k in ("small_stem", "stem_stride", "stem_pool")}
 
 
 def make_trunk(arch: str, *, small_stem: bool = False, stem_stride: int = 1, stem_pool: bool = False) -> nn.Module:
