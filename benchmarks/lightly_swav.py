@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fashion-mnist", default=FASHION_MNIST_DIR, help="Folder of the Fashion-MNIST idx files.")
     p.add_argument("--arch", default="resnet18", choices=sorted(TRUNK_DIMS), help="torchvision ResNet trunk.")
     p.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=True,
-                   help="3x3 first conv and no max-pool (the CIFAR stem; see --stem-stride, --stem-pool).")
+                   help="3x3 first conv of stride --stem-stride, no max-pool unless --stem-pool (the CIFAR stem).")
     p.add_argument("--stem-stride", type=int, default=1, choices=(1, 2),
                    help="Stride of the small stem's conv (streamssl's model.stem_stride).")
     p.add_argument("--stem-pool", action=argparse.BooleanOptionalAction, default=False,
