@@ -7,6 +7,11 @@ images, read from the idx files with their labels dropped; the trunk is the very
 (``streamssl.model.make_trunk``: a torchvision ResNet, optionally with the 3x3 stride-1 small-image stem and
 no max-pool), so ``benchmarks/quality.py`` can give both methods the same data, views, trunk, batch and budget.
 
+``--objective simclr`` trains the seeds' SimCLR instead, on the same views (two) and trunk: lightly's
+``SimCLRProjectionHead`` (the same widths as the SwaV head) and ``NTXentLoss`` (the other view of the image is
+the positive, the batch's other 2N-2 views the negatives), as an alternative objective to measure SwaV
+against on the same stream.
+
 Every ``--snapshot-s`` seconds of training (wall clock since the loop started, data waits included) and once
 more when the budget is spent, the trunk weights are written to ``OUT/snap-<seconds>.pt`` together with the
 elapsed seconds, the step and the images seen, so an accuracy-versus-time curve can be drawn.
@@ -78,6 +83,20 @@ class LightlySwaV(nn.Module):
         return self.prototypes(x, step)
 
 
+class LightlySimCLR(nn.Module):
+    """Trunk -> lightly SimCLRProjectionHead (NTXentLoss normalises the projections itself)."""
+
+    def __init__(self, trunk: nn.Module, feature_dim: int, hidden_dim: int, out_dim: int) -> None:
+        from lightly.models.modules import SimCLRProjectionHead
+
+        super().__init__()
+        self.backbone = trunk
+        self.projection_head = SimCLRProjectionHead(feature_dim, hidden_dim, out_dim)
+
+    def forward(self, x: Tensor, step: int) -> Tensor:
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -107,6 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="Images per step.")
     p.add_argument("--hidden-dim", type=int, default=512, help="Projection head hidden width.")
     p.add_argument("--out-dim", type=int, default=128, help="Projection head output width.")
+    p.add_argument("--objective", choices=("swav", "simclr"), default="swav",
+                   help="swav (lightly's SwaV), or simclr (lightly's NTXentLoss on two views).")
+    p.add_argument("--simclr-temperature", type=float, default=0.2, help="NTXentLoss temperature (simclr only).")
     p.add_argument("--n-prototypes", type=int, default=512, help="Prototypes (lightly's CIFAR-10 recipe: 512).")
     p.add_argument("--freeze-prototypes-steps", type=int, default=0, help="Steps with frozen prototypes.")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (lightly's CIFAR-10 recipe: 2e-3).")
@@ -127,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("counts", "min_scales", "max_scales"):
         if len(getattr(args, name)) != groups:
             p.error(f"--{name.replace('_', '-')}: needs one value per size ({groups})")
+    if args.objective == "simclr" and sum(args.counts) != 2:
+        p.error(f"--objective simclr: needs exactly two views (--counts sums to {sum(args.counts)})")
     return args
 
 
@@ -142,7 +166,7 @@ def make_transform(args: argparse.Namespace) -> Any:
                          normalize={"mean": list(args.mean), "std": list(args.std)})
 
 
-def save_snapshot(out: Path, model: LightlySwaV, info: dict[str, Any]) -> Path:
+def save_snapshot(out: Path, model: nn.Module, info: dict[str, Any]) -> Path:
     path = out / f"snap-{round(info['elapsed_s']):06d}.pt"
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"trunk": model.backbone.state_dict(), **info}, tmp)
@@ -152,7 +176,7 @@ def save_snapshot(out: Path, model: LightlySwaV, info: dict[str, Any]) -> Path:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     import lightly
-    from lightly.loss import SwaVLoss
+    from lightly.loss import NTXentLoss, SwaVLoss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,11 +188,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         drop_last=True, persistent_workers=args.workers > 0,
                         generator=torch.Generator().manual_seed(args.seed))
     trunk = make_trunk(args.arch, small_stem=args.small_stem, stem_stride=args.stem_stride, stem_pool=args.stem_pool)
-    model = LightlySwaV(trunk, TRUNK_DIMS[args.arch], args.hidden_dim, args.out_dim, args.n_prototypes,
-                        args.freeze_prototypes_steps)
+    swav = args.objective == "swav"
+    model: nn.Module
+    if swav:
+        model = LightlySwaV(trunk, TRUNK_DIMS[args.arch], args.hidden_dim, args.out_dim, args.n_prototypes,
+                            args.freeze_prototypes_steps)
+        criterion: nn.Module = SwaVLoss()
+    else:
+        model = LightlySimCLR(trunk, TRUNK_DIMS[args.arch], args.hidden_dim, args.out_dim)
+        criterion = NTXentLoss(temperature=args.simclr_temperature)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    criterion = SwaVLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     # the budget schedule is streamssl's own (no warmup: lightly's recipe has none)
     schedule = (LearnerConfig(base_lr=args.lr, final_lr=args.final_lr, warmup_steps=0, schedule="budget")
@@ -178,9 +208,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     meta = {"lightly": str(lightly.__version__), "torch": str(torch.__version__), "threads": torch.get_num_threads(),
             "python": platform.python_version()}
     log = open(args.out / "log.jsonl", "a", buffering=1)  # noqa: SIM115 - kept open for the run
-    print(f"lightly {lightly.__version__} SwaV: {args.arch} (small stem {args.small_stem}, stride "
+    objective = f"SwaV, K={args.n_prototypes}" if swav else f"SimCLR, T={args.simclr_temperature:g}"
+    print(f"lightly {lightly.__version__} {objective}: {args.arch} (small stem {args.small_stem}, stride "
           f"{args.stem_stride}, max-pool {args.stem_pool}), batch "
-          f"{args.batch_size}, views {args.counts}x{args.sizes}, K={args.n_prototypes}, budget {args.budget_s:.0f} s",
+          f"{args.batch_size}, views {args.counts}x{args.sizes}, budget {args.budget_s:.0f} s",
           flush=True)
 
     step, seen, snapshots = 0, 0, []
@@ -199,11 +230,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 set_lr(optimizer, lr_at(step, schedule, progress=elapsed / args.budget_s))
             if args.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-            model.prototypes.normalize()
+            if swav:
+                model.prototypes.normalize()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 outputs = [model(v, step) for v in views]
             outputs = [o.float() for o in outputs]
-            loss = criterion(outputs[:n_high], outputs[n_high:])
+            loss = criterion(outputs[:n_high], outputs[n_high:]) if swav else criterion(*outputs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
