@@ -6,8 +6,9 @@ One command, in order, never two trainings at once:
    ``WORKDIR/shards`` (once; later runs reuse them);
 2. trains streamssl on them as a stream: ``streamssl run --config pipelines/fmnist-cpu.toml`` with
    ``run.max_seconds`` = the budget and a checkpoint every ``--snapshot-min`` minutes;
-3. trains lightly's SwaV (``benchmarks/lightly_swav.py``) for the same budget on the same images with the
-   same views, trunk and batch (read from the resolved streamssl profile), saving its trunk as often;
+3. trains lightly's SwaV (``benchmarks/lightly_swav.py``; with ``--lightly-arg=--objective=simclr`` lightly's
+   SimCLR) for the same budget on the same images with the same views, trunk and batch (read from the
+   resolved streamssl profile), saving its trunk as often;
 4. evaluates every snapshot of both, an untrained trunk and the raw pixels with the weighted kNN of
    ``streamssl.eval`` (k=20, T=0.07, cosine) on the full test set against the full training set, features
    computed at the global view size;
@@ -213,6 +214,20 @@ def run_streamssl(args: argparse.Namespace, pattern: str, run_dir: Path) -> dict
     return info
 
 
+def lightly_objective(cmd: list[str]) -> str:
+    """The objective (``swav`` or ``simclr``) a lightly_swav.py command line trains, as the script reads it."""
+    from lightly_swav import parse_args as lightly_parse_args
+
+    return lightly_parse_args(cmd[2:]).objective
+
+
+def method_label(results: dict[str, Any], name: str) -> str:
+    """``streamssl``, or ``lightly SwaV`` / ``lightly SimCLR`` after the objective the lightly run trained."""
+    if name == "streamssl":
+        return name
+    return "lightly " + {"swav": "SwaV", "simclr": "SimCLR"}[results.get(name, {}).get("objective", "swav")]
+
+
 def run_lightly(args: argparse.Namespace, cfg: Config, out: Path) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -342,7 +357,9 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     for name, style in (("streamssl", "o-"), ("lightly", "s-")):
         rows = results.get(name, {}).get("snapshots") or []
         if rows:
-            label = name if name == "streamssl" else f"lightly {results['machine'].get('lightly') or ''} SwaV"
+            label = method_label(results, name)
+            if name == "lightly" and results["machine"].get("lightly"):
+                label = label.replace("lightly", f"lightly {results['machine']['lightly']}")
             ax.plot([r["elapsed_s"] / 60 for r in rows], [100 * r["top1"] for r in rows], style, label=label)
     base = results.get("baselines") or {}
     if "pixels" in base:
@@ -362,12 +379,13 @@ def plot(results: dict[str, Any], path: Path) -> bool:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [f"{'method':<12}{'minutes':>9}{'images':>10}{'top-1 %':>9}"]
+    lines = [f"{'method':<16}{'minutes':>9}{'images':>10}{'top-1 %':>9}"]
     for name in ("streamssl", "lightly"):
         for r in results.get(name, {}).get("snapshots") or []:
-            lines.append(f"{name:<12}{r['elapsed_s'] / 60:>9.2f}{r['images']:>10}{100 * r['top1']:>9.2f}")
+            lines.append(f"{method_label(results, name):<16}{r['elapsed_s'] / 60:>9.2f}{r['images']:>10}"
+                         f"{100 * r['top1']:>9.2f}")
     for name, r in (results.get("baselines") or {}).items():
-        lines.append(f"{name:<12}{'':>9}{'':>10}{100 * r['top1']:>9.2f}")
+        lines.append(f"{name:<16}{'':>9}{'':>10}{100 * r['top1']:>9.2f}")
     return "\n".join(lines)
 
 
@@ -398,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, info in runs.items():
         results["commands"][name] = info["command"]
         results[name] = {k: v for k, v in info.items() if k != "command"}
+    if "lightly" in runs:  # read from the command, so --skip-train on an older run's timing.json knows it too
+        results["lightly"]["objective"] = lightly_objective(runs["lightly"]["command"])
 
     print("evaluating (kNN on the test set; the trainings are over)", flush=True)
     train, test = load_splits(f"fashion-mnist:{args.fashion_mnist}", limit_train=args.limit_train,
