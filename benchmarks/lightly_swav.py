@@ -4,8 +4,9 @@ The way a lightly user trains SwaV: lightly's ``SwaVTransform`` (multi-crop view
 ``DataLoader`` workers), ``SwaVProjectionHead``, ``SwaVPrototypes`` renormalised before every step and
 ``SwaVLoss`` (Sinkhorn-Knopp codes, swapped prediction), Adam. The images are the Fashion-MNIST training
 images, read from the idx files with their labels dropped; the trunk is the very one streamssl builds
-(``streamssl.model.make_trunk``: a torchvision ResNet, optionally with the 3x3 stride-1 small-image stem and
-no max-pool), so ``benchmarks/quality.py`` can give both methods the same data, views, trunk, batch and budget.
+(``streamssl.model.make_trunk``: a torchvision ResNet, optionally with the small-image stem: a 3x3 conv
+of stride 1 or 2, with or without the max-pool), so ``benchmarks/quality.py`` can give both methods the same
+data, views, trunk, batch and budget.
 
 ``--objective simclr`` trains the seeds' SimCLR instead, on the same views (two) and trunk: lightly's
 ``SimCLRProjectionHead`` (the same widths as the SwaV head) and ``NTXentLoss`` (the other view of the image is
