@@ -221,11 +221,13 @@ def lightly_objective(cmd: list[str]) -> str:
     return lightly_parse_args(cmd[2:]).objective
 
 
-def method_label(results: dict[str, Any], name: str) -> str:
-    """``streamssl``, or ``lightly SwaV`` / ``lightly SimCLR`` after the objective the lightly run trained."""
+def method_label(results: dict[str, Any], name: str, *, version: bool = False) -> str:
+    """``streamssl``, or ``lightly [VERSION] SwaV`` / ``... SimCLR`` after the objective the lightly run trained."""
     if name == "streamssl":
         return name
-    return "lightly " + {"swav": "SwaV", "simclr": "SimCLR"}[results.get(name, {}).get("objective", "swav")]
+    objective = {"swav": "SwaV", "simclr": "SimCLR"}[results.get(name, {}).get("objective", "swav")]
+    release = results["machine"].get("lightly") if version else None
+    return f"lightly {release} {objective}" if release else f"lightly {objective}"
 
 
 def run_lightly(args: argparse.Namespace, cfg: Config, out: Path) -> dict[str, Any]:
@@ -357,9 +359,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     for name, style in (("streamssl", "o-"), ("lightly", "s-")):
         rows = results.get(name, {}).get("snapshots") or []
         if rows:
-            label = method_label(results, name)
-            if name == "lightly" and results["machine"].get("lightly"):
-                label = label.replace("lightly", f"lightly {results['machine']['lightly']}")
+            label = method_label(results, name, version=True)
             ax.plot([r["elapsed_s"] / 60 for r in rows], [100 * r["top1"] for r in rows], style, label=label)
     base = results.get("baselines") or {}
     if "pixels" in base:
