@@ -117,7 +117,9 @@ class AugmentConfig:
 class ModelConfig:
     """Trunk, projection head and prototypes (model.py)."""
 
-    arch: str = _f("resnet50", "torchvision ResNet trunk.", choices=("resnet18", "resnet34", "resnet50"))
+    arch: str = _f("resnet50", "torchvision ResNet trunk; resnet10 is ResNet-18 with one block "
+                   "per stage (torchvision's ResNet class, BasicBlock, [1, 1, 1, 1]).",
+                   choices=("resnet10", "resnet18", "resnet34", "resnet50"))
     small_stem: bool = _f(False, "3x3 first conv (stride: stem_stride) and no max-pool (unless "
                           "stem_pool), for 28-96 px inputs.")
     stem_stride: int = _f(1, "Stride of the small stem's conv: 2 halves the resolution of every stage (~3x the "

@@ -1,8 +1,9 @@
 """Export a trained trunk for use outside streamssl: torchvision state dict, TorchScript or ONNX.
 
 torchvision: a plain ``state_dict`` (tensors only; loads with ``torch.load(weights_only=True)``) that loads
-into ``torchvision.models.<arch>()`` with ``load_state_dict(strict=True)``. SwAV trains no classifier, so the
-``fc`` layer is written as zeros of torchvision's default shape (1000 classes): replace it (``model.fc =
+into ``torchvision.models.<arch>()`` with ``load_state_dict(strict=True)``; resnet10, which torchvision has no
+builder for, into ``torchvision.models.resnet.ResNet(BasicBlock, [1, 1, 1, 1])``. SwAV trains no classifier, so
+the ``fc`` layer is written as zeros of torchvision's default shape (1000 classes): replace it (``model.fc =
 nn.Linear(F, n)``) to fine-tune, or set ``model.fc = nn.Identity()`` to get exactly streamssl's features.
 A small-stem trunk (3x3 first conv, no max-pool unless ``stem_pool``) has a different ``conv1``: build the model
 with ``streamssl.export.torchvision_model(meta)``, which applies the same change, before loading. A JSON file

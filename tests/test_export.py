@@ -19,9 +19,10 @@ from streamssl.learner import OnlineSwAV
 from streamssl.synthetic import view_stream
 
 
-def make_checkpoint(folder: Path, small_stem: bool, stem_stride: int = 1, stem_pool: bool = False) -> Path:
+def make_checkpoint(folder: Path, small_stem: bool, stem_stride: int = 1, stem_pool: bool = False,
+                    arch: str = "resnet18") -> Path:
     cfg = resolve(None, environ={}, overrides=[
-        "model.arch=resnet18", f"model.small_stem={str(small_stem).lower()}", f"model.stem_stride={stem_stride}",
+        f"model.arch={arch}", f"model.small_stem={str(small_stem).lower()}", f"model.stem_stride={stem_stride}",
         f"model.stem_pool={str(stem_pool).lower()}",
         "augment.sizes=[32,16]",
         "model.n_prototypes=16", "model.hidden_dim=32", "model.out_dim=16", "learner.batch_size=8",
@@ -52,6 +53,19 @@ def test_torchvision_export_loads_strictly_and_matches(tmp_path: Path, small_ste
     model = torchvision.models.resnet18() if not small_stem else torchvision_model(meta)
     model.load_state_dict(state, strict=True)
     assert torch.count_nonzero(model.fc.weight) == 0  # SwAV trains no classifier
+    model.fc = nn.Identity()
+    trunk, _ = load_trunk(ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), trunk(images), atol=1e-5, rtol=1e-4)
+
+
+def test_resnet10_export_loads_into_torchvisions_resnet_class(tmp_path: Path, images: torch.Tensor) -> None:
+    # torchvision has no resnet10 builder: the export names the class and block layout that load it
+    ckpt = make_checkpoint(tmp_path, small_stem=False, arch="resnet10")
+    meta = export(ckpt, "torchvision", tmp_path / "resnet10.pth")
+    assert meta["arch"] == "resnet10" and meta["feature_dim"] == 512
+    model = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    model.load_state_dict(torch.load(tmp_path / "resnet10.pth", weights_only=True), strict=True)
     model.fc = nn.Identity()
     trunk, _ = load_trunk(ckpt)
     with torch.no_grad():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -78,7 +80,16 @@ def test_stem_pool_keeps_the_max_pool_after_a_full_resolution_conv() -> None:
         make_trunk("resnet18", small_stem=False, stem_pool=True)
 
 
-@pytest.mark.parametrize("arch,dim", [("resnet34", 512), ("resnet50", 2048)])
+def test_resnet10_is_resnet18_with_one_block_per_stage() -> None:
+    r10, r18 = make_trunk("resnet10", small_stem=True), make_trunk("resnet18", small_stem=True)
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        assert (len(getattr(r10, name)), len(getattr(r18, name))) == (1, 2)
+    # the same stem, stage widths and first block of every stage: resnet18's state minus its second blocks
+    first_blocks = {k: v.shape for k, v in r18.state_dict().items() if not re.match(r"layer\d\.1\.", k)}
+    assert first_blocks == {k: v.shape for k, v in r10.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch,dim", [("resnet10", 512), ("resnet34", 512), ("resnet50", 2048)])
 def test_other_trunks(arch: str, dim: int) -> None:
     model = SwAVModel(ModelConfig(arch=arch, hidden_dim=0, out_dim=0, n_prototypes=4))
     assert model.embed_dim == dim
