@@ -520,6 +520,12 @@ class SampleStream:
         self._uncommitted: list[str] = []  # done shards whose ack waits for commit()
         self._n_in_state = 0  # how many of _uncommitted the last state_dict() recorded
         self._lock = threading.RLock()
+        # Set except while commit() waits for the lock: the iterating thread then waits before its next call
+        # into the source. Without it a source that polls back to back (an idle Redis stream) re-takes the lock
+        # the moment it lets go and can starve commit() for minutes; with it commit() waits for at most the
+        # one call in flight (one poll: source.poll_s).
+        self._source_turn = threading.Event()
+        self._source_turn.set()
 
     # ------------------------------------------------------------------ reading
 
@@ -550,6 +556,7 @@ class SampleStream:
             yield from self._read(shard)
         urls = iter(self.source)
         while True:
+            self._source_turn.wait()  # a waiting commit() goes first
             with self._lock:  # commit() may ack from another thread: never while the source moves
                 url = next(urls, _EXHAUSTED)
             if url is _EXHAUSTED:
@@ -595,8 +602,16 @@ class SampleStream:
         """Ack the shards done as of ``state`` (a ``state_dict()`` result), or as of the last ``state_dict()``.
 
         With a prefetching consumer the last ``state_dict()`` runs ahead of what was trained on: pass the state
-        that the checkpoint recorded. Safe to call from another thread than the iterating one.
+        that the checkpoint recorded. Safe to call from another thread than the iterating one: it waits for at
+        most the source call in flight there.
         """
+        self._source_turn.clear()
+        try:
+            self._commit(state)
+        finally:
+            self._source_turn.set()
+
+    def _commit(self, state: dict[str, Any] | None) -> None:
         with self._lock:
             if state is not None:
                 covered = set(state.get("unacked", ()))

@@ -446,6 +446,61 @@ def test_commit_of_an_older_state_acks_only_what_it_covers(tmp_path: Path) -> No
     assert source.acked == [a, b]
 
 
+class PollingSource(ListSource):
+    """Hands out its shards, then polls for more like the Redis source: each poll blocks, then an idle tick.
+    Counts the polls that start while ``waiting`` is set."""
+
+    def __init__(self, urls: list[str], poll_s: float) -> None:
+        super().__init__(urls)
+        self.poll_s = poll_s
+        self.closed = threading.Event()
+        self.waiting = False
+        self.polls_while_waiting = 0
+
+    def __iter__(self) -> Iterator[str | None]:  # type: ignore[override]
+        yield from super().__iter__()
+        while not self.closed.is_set():
+            self.polls_while_waiting += self.waiting
+            time.sleep(self.poll_s)  # a blocking XREADGROUP that found nothing
+            yield None
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def test_commit_is_not_starved_by_a_source_polling_in_another_thread(tmp_path: Path) -> None:
+    # The daemon's feeder thread iterates the stream while the training thread commits after each checkpoint.
+    # A source that polls back to back (an idle Redis stream) re-took the lock as soon as it let go and kept
+    # commit() waiting for minutes (a checkpoint stalled). Now commit() waits for at most the poll in flight
+    # (and one that started just before it asked).
+    a = str(good_shard(tmp_path / "a.tar", 2))
+    source = PollingSource([a], poll_s=0.02)
+    stream = SampleStream(source, cfg(), defer_ack=True)
+    handed: list[str] = []
+    feeder = threading.Thread(target=lambda: handed.extend(s.key for s in stream), daemon=True)
+    feeder.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(handed) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(handed) == 2  # a is done; the feeder now polls for more
+        state = stream.state_dict()
+        assert state["unacked"] == [a]
+        most = 0
+        for _ in range(30):
+            time.sleep(0.005)  # land anywhere in a poll
+            source.polls_while_waiting, source.waiting = 0, True
+            stream.commit(state)
+            source.waiting = False
+            most = max(most, source.polls_while_waiting)
+        assert most <= 2, f"commit() waited through {most} polls"
+        assert source.acked == [a]
+    finally:
+        stream.close()
+        feeder.join(timeout=10)
+    assert not feeder.is_alive()
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset opens http(s) URLs with curl")
 def test_http_shards_through_webdatasets_opener(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("no_proxy", "NO_PROXY"):  # curl must not send loopback requests to a configured proxy
