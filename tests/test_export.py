@@ -40,6 +40,14 @@ def images() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
+def assert_same_features(model: nn.Module, ckpt: Path, images: torch.Tensor) -> None:
+    """A plain torchvision model loaded from an export, classifier removed, gives the checkpoint's features."""
+    model.fc = nn.Identity()
+    trunk, _ = load_trunk(ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), trunk(images), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("small_stem,stem_stride,stem_pool",
                          [(False, 1, False), (True, 1, False), (True, 2, False), (True, 1, True)])
 def test_torchvision_export_loads_strictly_and_matches(tmp_path: Path, small_stem: bool, stem_stride: int,
@@ -53,10 +61,7 @@ def test_torchvision_export_loads_strictly_and_matches(tmp_path: Path, small_ste
     model = torchvision.models.resnet18() if not small_stem else torchvision_model(meta)
     model.load_state_dict(state, strict=True)
     assert torch.count_nonzero(model.fc.weight) == 0  # SwAV trains no classifier
-    model.fc = nn.Identity()
-    trunk, _ = load_trunk(ckpt)
-    with torch.no_grad():
-        torch.testing.assert_close(model.eval()(images), trunk(images), atol=1e-5, rtol=1e-4)
+    assert_same_features(model, ckpt, images)
 
 
 def test_resnet10_export_loads_into_torchvisions_resnet_class(tmp_path: Path, images: torch.Tensor) -> None:
@@ -66,10 +71,7 @@ def test_resnet10_export_loads_into_torchvisions_resnet_class(tmp_path: Path, im
     assert meta["arch"] == "resnet10" and meta["feature_dim"] == 512
     model = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
     model.load_state_dict(torch.load(tmp_path / "resnet10.pth", weights_only=True), strict=True)
-    model.fc = nn.Identity()
-    trunk, _ = load_trunk(ckpt)
-    with torch.no_grad():
-        torch.testing.assert_close(model.eval()(images), trunk(images), atol=1e-5, rtol=1e-4)
+    assert_same_features(model, ckpt, images)
 
 
 def test_torchscript_export_matches(tmp_path: Path, images: torch.Tensor) -> None:
