@@ -4,17 +4,60 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from streamssl import __version__
-from streamssl.config import DEFAULT_PROFILE, ConfigError, resolve
+from streamssl.config import DEBUG_ENV, DEFAULT_PROFILE, resolve
+from streamssl.errors import UsageError, exit_code
 
-app = typer.Typer(help="Continuous SwAV pretraining of image encoders from an unbounded image stream.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+log = logging.getLogger("streamssl.cli")
+
+
+# The CLI framework's own exits (usage errors, --help, typer.Exit) pass through untouched.
+_FRAMEWORK = tuple({typer.Exit, typer.Abort, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
+
+
+def _debug(ctx: typer.Context) -> bool:
+    flag = bool(isinstance(ctx.obj, dict) and ctx.obj.get("debug"))
+    return flag or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes", "on")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError | UsageError) or getattr(exc, "exit_code", None) is not None:
+        return text
+    return f"{type(exc).__name__}: {text} (rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+
+
+class _Commands(TyperGroup):
+    """Every command's failure as one ``error:`` line: exit 2 for usage and configuration errors, 1 for run-time
+    failures (streamssl.errors); ``--debug`` or STREAMSSL_DEBUG=1 shows the traceback instead."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (*_FRAMEWORK, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if _debug(ctx):
+                raise
+            typer.echo(f"error: {_one_line(exc)}", err=True)
+            raise typer.Exit(exit_code(exc)) from None
+
+
+app = typer.Typer(cls=_Commands, help="Continuous self-supervised pretraining of image encoders from an "
+                  "unbounded image stream.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Inspect run profiles.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print figures as JSON.", no_args_is_help=True)
 shards_app = typer.Typer(help="Make and inspect WebDataset shards.", no_args_is_help=True)
@@ -23,17 +66,20 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(shards_app, name="shards")
 
 ProfileOpt = Annotated[str, typer.Option("--config", "-c", help="Run profile: a TOML file or a name in "
-                                         "pipelines/ (cpu-small, gpu-resnet50).")]
+                                         "pipelines/ (cpu-small, fmnist-cpu, gpu-resnet50).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override one key, section.key=value; "
                                                   "repeatable. Applied after the profile and STREAMSSL_* env.")]
 
 
+@app.callback()
+def _root(ctx: typer.Context,
+          debug: Annotated[bool, typer.Option("--debug", help=f"Show the traceback of an error (also {DEBUG_ENV}=1).")]
+          = False) -> None:
+    ctx.obj = {"debug": debug}
+
+
 def _config(profile: str, overrides: list[str] | None):
-    try:
-        return resolve(profile, overrides=overrides or [])
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    return resolve(profile, overrides=overrides or [])
 
 
 def _logging() -> None:
@@ -74,18 +120,27 @@ def run(profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = None) -> None
     typer.echo(f"streamssl {__version__}: {cfg.model.arch}, batch {cfg.learner.batch_size}, views "
                f"{list(cfg.augment.n_views)}x{list(cfg.augment.sizes)} px, K={cfg.model.n_prototypes}; "
                f"{'stops after ' + ' or '.join(limits) if limits else 'runs until stopped'}")
-    typer.echo(f"watch: the progress lines below, `streamssl status --config {profile}`, "
-               f"`streamssl report {cfg.checkpoint.dir}` for PNG plots, and /metrics (address below). "
-               "Stop: Ctrl-C or SIGTERM (checkpoints first); again to exit at once.")
-    try:
-        summary = Daemon(cfg, echo=typer.echo).run()
-    except RuntimeError as exc:  # configuration meets the world: a taken port, a foreign checkpoint
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    typer.echo(f"watch: the progress lines below, `{status_command(profile, cfg)}`, "
+               f"`streamssl report {shlex.quote(cfg.checkpoint.dir)}` for PNG plots, and /metrics (address "
+               "below). Stop: Ctrl-C or SIGTERM (checkpoints first); again to exit at once.")
+    summary = Daemon(cfg, echo=typer.echo).run()
     bad = ", ".join(f"{k} {v}" for k, v in sorted(summary.bad_samples.items())) or "none"
     typer.echo(f"stopped after {summary.steps} steps ({summary.images} images in this run, {summary.seconds:.0f} s); "
                f"last loss {summary.last_loss:.3f}; skipped steps {summary.skipped_steps}; bad samples: {bad}; "
                f"checkpoint {summary.checkpoint}")
+    if summary.error is not None:  # stopped cleanly (checkpoint written) because of an error: report it
+        raise summary.error
+
+
+def status_command(profile: str, cfg: Any) -> str:
+    """The ``streamssl status`` command that shows this run: its store and checkpoint folder, whatever
+    overrides or environment chose them."""
+    from streamssl.urls import redact
+
+    parts = ["streamssl", "status", "--config", profile, "--set", f"checkpoint.dir={cfg.checkpoint.dir}"]
+    if cfg.store.url:
+        parts += ["--store", redact(cfg.store.url)]
+    return shlex.join(parts)
 
 
 @app.command()
@@ -94,19 +149,20 @@ def status(store: Annotated[str, typer.Option(help="redis://... of the run; defa
            profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False) -> None:
     """Prototype version, step and age, each live learner's heartbeat, and the last checkpoint."""
-    import os
-
-    from streamssl.store import StoreError, format_status, open_store
+    from streamssl.errors import RuntimeFailure
+    from streamssl.store import format_status, open_store
 
     cfg = _config(profile, overrides)
     store_cfg = type(cfg.store)(**{**cfg.store.__dict__, "url": store or cfg.store.url})
+    local_dir = os.path.join(cfg.checkpoint.dir, "store")
+    if not store_cfg.url and not os.path.isdir(cfg.checkpoint.dir):
+        raise RuntimeFailure(f"no run at checkpoint.dir {cfg.checkpoint.dir!r}: the folder does not exist; give the "
+                             "run's folder (--set checkpoint.dir=...) or its Redis (--store redis://...)")
+    backend = open_store(store_cfg, local_dir=local_dir)
     try:
-        backend = open_store(store_cfg, local_dir=os.path.join(cfg.checkpoint.dir, "store"))
         info = backend.status()
+    finally:
         backend.close()
-    except StoreError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(json.dumps(info, indent=2, default=str) if as_json else format_status(info))
 
 
@@ -173,11 +229,16 @@ def shards_pack(src_dir: Annotated[Path, typer.Argument(help="Folder of images (
 def ingest(urls: Annotated[list[str], typer.Argument(help="Shard URLs to announce.")],
            store: Annotated[str, typer.Option(help="Redis URL of the ingest stream, redis://host:port/db.")],
            stream_key: Annotated[str, typer.Option(help="Stream key the learners read.")] = "streamssl:shards",
+           profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = None,
            ) -> None:
-    """Add shard URLs to the Redis ingest stream that learners consume (at least once)."""
+    """Add shard URLs to the Redis ingest stream that learners consume (at least once). Each URL is checked
+    first: an allowed scheme, and an existing file for a local path. TLS files: the profile's store.tls_*."""
+    from streamssl.redis_client import TLSFiles
     from streamssl.source import publish_urls
 
-    for entry in publish_urls(store, urls, stream_key=stream_key):
+    cfg = _config(profile, overrides)
+    for entry in publish_urls(store, urls, stream_key=stream_key, tls=TLSFiles.of(cfg.store),
+                              allow_pipe=cfg.source.allow_pipe):
         typer.echo(entry)
 
 
@@ -198,8 +259,7 @@ def eval_(task: Annotated[str, typer.Argument(help="knn (weighted k-NN, k=20, T=
     from streamssl import eval as evaluation
 
     if task not in ("knn", "linear"):
-        typer.echo("error: TASK must be knn or linear", err=True)
-        raise typer.Exit(2)
+        raise UsageError(f"TASK {task!r}: knn or linear")
     if checkpoint == "pixels":
         trunk, size = None, image_size or 28
         mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -220,7 +280,10 @@ def export_(checkpoint: Annotated[str, typer.Option(help="A streamssl checkpoint
             fmt: Annotated[str, typer.Option("--format", help="torchvision (state dict for a plain torchvision "
                                              "ResNet), torchscript or onnx.")] = "torchvision") -> None:
     """Export the trained trunk for use outside streamssl."""
-    from streamssl.export import export
+    from streamssl.export import FORMATS, export
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: unknown; one of {', '.join(FORMATS)}")
 
     meta = export(checkpoint, fmt, out)
     typer.echo(json.dumps({"out": str(out), **meta}))
@@ -234,14 +297,14 @@ def report(run_dir: Annotated[Path, typer.Argument(help="The run's checkpoint.di
     """Draw PNG plots of loss, code entropy, prototypes in use, probe accuracy and throughput over time."""
     from streamssl.report import draw
 
-    try:
-        written = draw(run_dir, out)
-    except (OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    for path in written:
+    for path in draw(run_dir, out):
         typer.echo(str(path))
 
 
+def main() -> None:
+    """The console script."""
+    app(prog_name="streamssl")
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

@@ -25,16 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamssl.errors import UsageError
+from streamssl.urls import SourceError, check_redis_url, check_url, is_redis_url
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
 ENV_PREFIX = "STREAMSSL_"
+DEBUG_ENV = "STREAMSSL_DEBUG"  # the CLI's --debug, not a configuration key
 DEFAULT_PROFILE = "cpu-small"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration value is unknown, of the wrong type or out of range. The message names the key."""
 
 
@@ -70,6 +74,16 @@ class SourceConfig:
     max_pixels: int = _f(40_000_000, "Images declaring more pixels than this are skipped as bombs.", gt=0)
     max_member_bytes: int = _f(64 << 20, "Tar members larger than this are skipped.", gt=0)
     seed: int = _f(0, "Seed of the shard reshuffles and the shuffle buffer.", ge=0)
+
+    def __post_init__(self) -> None:
+        try:
+            for url in self.urls:
+                if is_redis_url(url):
+                    check_redis_url(url, "Redis URL")
+                else:
+                    check_url(url, allow_pipe=self.allow_pipe)
+        except SourceError as exc:
+            raise ConfigError(f"source.urls: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -197,6 +211,13 @@ class StoreConfig:
     tls_cert_file: str = _f("", "rediss:// only: client certificate, when the server asks for one (mutual TLS).")
     tls_key_file: str = _f("", "rediss:// only: private key of tls_cert_file.")
 
+    def __post_init__(self) -> None:
+        if self.url:
+            try:
+                check_redis_url(self.url, "store.url")
+            except SourceError as exc:
+                raise ConfigError(str(exc)) from None
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -207,6 +228,14 @@ class CheckpointConfig:
     every_s: float = _f(600.0, "... or when this many seconds passed since the last one.", gt=0)
     keep: int = _f(3, "Checkpoints kept (oldest deleted first).", ge=1)
     resume: bool = _f(True, "Resume from the newest checkpoint in dir when there is one.")
+    allow_new_source: bool = _f(False, "Resume a checkpoint written on other source.urls (passwords aside) and "
+                                "continue its model on this stream, from the stream's start. Off: such a "
+                                "checkpoint is refused, so a new stream never silently continues another run.")
+
+    def __post_init__(self) -> None:
+        if not self.dir.strip():
+            raise ConfigError("checkpoint.dir: empty; name the run's own folder (for example runs/NAME): "
+                              "checkpoints, the local store and the history live there")
 
 
 @dataclass(frozen=True)
@@ -230,6 +259,9 @@ class RunConfig:
                             "counted per process: a resumed run gets the whole budget again, and so does the "
                             "budget schedule. 0: run until stopped.", ge=0)
     log_every_steps: int = _f(10, "One progress line every this many steps.", ge=1)
+    max_nonfinite_steps: int = _f(100, "Stop with an error, without a checkpoint, after this many steps in a row "
+                                  "whose loss or gradients were not finite (each is skipped, so the model cannot "
+                                  "learn). 0: never stop.", ge=0)
     threads: int = _f(0, "torch intra-op threads. 0: torch's default.", ge=0)
 
 
@@ -368,11 +400,18 @@ def _check_value(key: str, value: Any, hint: Any, meta: Mapping[str, Any], origi
     return out
 
 
-def _parse_text(text: str) -> Any:
-    """An override or environment value: a TOML value when it parses as one, else the plain string."""
+def _parse_text(text: str, name: str = "value") -> Any:
+    """An override or environment value: a TOML value when it parses as one, else the plain string.
+
+    Text that starts like a TOML list, table or quoted string (``[``, ``{``, ``"``, ``'``) must parse: a
+    list cut short is an error, never a string that happens to begin with ``[``.
+    """
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as exc:
+        if text.lstrip().startswith(("[", "{", '"', "'")):
+            raise ConfigError(f"{name}: {text!r} does not parse as a TOML value ({exc}); lists look like "
+                              "[\"a\", \"b\"] or a,b") from None
         return text
 
 
@@ -408,14 +447,14 @@ def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """STREAMSSL_<SECTION>_<KEY>=value pairs as a layer. Unknown sections are an error, not ignored."""
     layer: dict[str, dict[str, Any]] = {}
     for var, text in environ.items():
-        if not var.startswith(ENV_PREFIX):
+        if not var.startswith(ENV_PREFIX) or var == DEBUG_ENV:
             continue
         rest = var[len(ENV_PREFIX):].lower()
         section, _, key = rest.partition("_")
         if section not in SECTIONS or not key:
             raise ConfigError(f"environment variable {var}: expected STREAMSSL_<SECTION>_<KEY> with a section "
                               f"among {', '.join(SECTIONS)}")
-        layer.setdefault(section, {})[key] = _parse_text(text)
+        layer.setdefault(section, {})[key] = _parse_text(text, f"environment variable {var}")
     return layer
 
 
@@ -427,7 +466,7 @@ def overrides_layer(overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
         section, dot, key = dotted.strip().partition(".")
         if not sep or not dot or not key:
             raise ConfigError(f"override {item!r}: expected section.key=value")
-        layer.setdefault(section, {})[key] = _parse_text(text.strip())
+        layer.setdefault(section, {})[key] = _parse_text(text.strip(), f"--set {dotted.strip()}")
     return layer
 
 

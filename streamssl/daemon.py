@@ -17,6 +17,7 @@ after the last *trained* batch, so prefetched batches are read again after a res
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import math
@@ -37,24 +38,36 @@ from prometheus_client import CollectorRegistry
 from torch import Tensor
 
 from streamssl.augment import make_multicrop
-from streamssl.checkpoint import CheckpointManager, rng_state, set_rng_state
+from streamssl.checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError, rng_state, set_rng_state
 from streamssl.collapse import Action, CollapseMonitor, max_code_entropy
 from streamssl.config import Config
+from streamssl.errors import RuntimeFailure, StreamsslError, UsageError
 from streamssl.learner import OnlineSwAV, StepStats, pick_device
 from streamssl.metrics import Metrics, MetricsServer
 from streamssl.probe import LiveProbe
+from streamssl.redis_client import TLSFiles
 from streamssl.samples import SampleStream
 from streamssl.source import make_source
 from streamssl.store import BackgroundWriter, open_store
+from streamssl.urls import redact
 
 log = logging.getLogger("streamssl.daemon")
 
 
-def format_progress(stats: StepStats, images_per_s: float, wait_share: float, n_prototypes: int) -> str:
+def format_progress(stats: StepStats, images_per_s: float, wait_share: float, n_prototypes: int,
+                    skipped: int = 0) -> str:
     """One concise progress line."""
     return (f"step {stats.step:>7} | {images_per_s:7.1f} img/s | loss {stats.loss:6.3f} | lr {stats.lr:.2e} | "
             f"code entropy {stats.code_entropy:5.2f} | prototypes in use {stats.n_prototypes_in_use:>4}/"
-            f"{n_prototypes} | queue {stats.queue_fill:4.0%} | data wait {wait_share:4.0%}")
+            f"{n_prototypes} | queue {stats.queue_fill:4.0%} | data wait {wait_share:4.0%} | skipped {skipped}")
+
+
+class NonFiniteRun(RuntimeFailure):
+    """Every step for ``run.max_nonfinite_steps`` was non-finite: the model or its input is broken."""
+
+
+class DataPathFailed(RuntimeFailure):
+    """The feeder thread (source, samples, augment) stopped on an unexpected error."""
 
 
 @dataclass
@@ -75,6 +88,7 @@ class RunSummary:
     stopped_by_signal: bool
     checkpoint: str | None = None
     bad_samples: dict[str, int] = field(default_factory=dict)
+    error: BaseException | None = None  # why the run stopped early, after shutting down cleanly
 
 
 _END = object()  # the feeder's "stream ended" marker
@@ -188,10 +202,11 @@ class Daemon:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.device = pick_device(cfg.run.device)
+        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
+        self.checkpoints.prepare()  # a folder that cannot hold checkpoints stops the run now, not at its end
         self.learner = OnlineSwAV(cfg.model, cfg.learner, device=self.device)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry, arch=cfg.model.arch)
-        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
         self.learner_id = f"{socket.gethostname()}-{os.getpid()}"
         self.store = open_store(cfg.store, local_dir=os.path.join(cfg.checkpoint.dir, "store"),
                                 writer=self.learner_id)
@@ -205,6 +220,10 @@ class Daemon:
         self.position: dict[str, Any] | None = None
         self.server: MetricsServer | None = None
         self._signals = 0
+        self.error: BaseException | None = None  # set when the run stops on an error after a clean shutdown
+        self._write_final_checkpoint = True
+        self.last_checkpoint_error: BaseException | None = None
+        self._nonfinite_streak = 0
         self._last_ckpt_time = time.monotonic()
         self._last_ckpt_step = -1
         self._last_ckpt_path: str | None = None
@@ -240,8 +259,8 @@ class Daemon:
             pattern = demo_shards(os.path.join(cfg.checkpoint.dir, f"demo-shards-{side}px"), max_side=side)
             source_cfg = type(source_cfg)(**{**source_cfg.__dict__, "urls": (pattern,), "cycle": True})
             self.echo(f"no source.urls: streaming the embedded demo images ({pattern}), cycled")
-        self.stream = SampleStream(make_source(source_cfg), source_cfg, on_bad=self._on_bad, defer_ack=True,
-                                   ack=self._ack)
+        self.stream = SampleStream(make_source(source_cfg, tls=TLSFiles.of(cfg.store)), source_cfg,
+                                   on_bad=self._on_bad, defer_ack=True, ack=self._ack)
         if self.position is not None:
             self.stream.load_state_dict(self.position)
         device = "cuda" if self.device.type == "cuda" else "cpu"
@@ -262,10 +281,14 @@ class Daemon:
             except queue.Empty:
                 if self._signals:
                     return
+                if self.stream is not None:
+                    self.metrics.set_source_idle(self.stream.idle_seconds())
                 continue
             if item is _END:
-                if feeder.error is not None:
-                    raise RuntimeError("the data feeder stopped on an error") from feeder.error
+                if feeder.error is not None:  # stop as on SIGTERM (checkpoint, store, server), then report it
+                    exc = feeder.error
+                    self.error = exc if isinstance(exc, StreamsslError) else DataPathFailed(
+                        f"the data path failed: {type(exc).__name__}: {exc}")
                 return
             yield item
 
@@ -275,17 +298,19 @@ class Daemon:
         """Resume from the newest checkpoint in checkpoint.dir (when resume is on). True when it did."""
         if not self.cfg.checkpoint.resume:
             return False
-        state = self.checkpoints.load(map_location=self.device)
+        # Loaded on the CPU: the learner moves its tensors to its device, and the RNG states must stay CPU
+        # tensors (torch.set_rng_state and torch.cuda.set_rng_state_all refuse CUDA ones).
+        state = self.checkpoints.load(map_location="cpu")
         if state is None:
             return False
+        saved = state.get("config") or {}
+        self._check_fits(state["path"], saved)
         try:
             self.learner.load_state_dict(state["learner"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise RuntimeError(f"the checkpoint {state['path']} does not fit the configured model ({exc}); "
-                               "resume it with the configuration it was written with (stored inside it), "
-                               "or start fresh with another checkpoint.dir or checkpoint.resume=false") from None
+            raise CheckpointError(self._does_not_fit(state["path"], str(exc))) from None
         set_rng_state(state["rng"])
-        self.position = state.get("position")
+        self.position = state.get("position") if self._same_source(saved) else None
         self.images = int(state.get("images", 0))
         self._last_ckpt_step = self.learner.step_count
         self._last_ckpt_path = state["path"]
@@ -293,12 +318,52 @@ class Daemon:
         self.echo(f"resumed from {state['path']} at step {self.learner.step_count} ({self.images} images)")
         return True
 
-    def checkpoint(self) -> str:
-        """Write a checkpoint of everything, then ack the shards it covers."""
-        path = self.checkpoints.save({
-            "learner": self.learner.state_dict(), "rng": rng_state(), "position": self.position,
-            "images": self.images, "config": self.cfg.to_dict(),
-        }, self.learner.step_count)
+    @staticmethod
+    def _does_not_fit(path: str, why: str) -> str:
+        return (f"the checkpoint {path} does not fit the configured run ({why}); resume it with the configuration "
+                "it was written with (stored inside it: `streamssl config show` of that file's config), or start "
+                "fresh with another checkpoint.dir or checkpoint.resume=false")
+
+    def _check_fits(self, path: str, saved: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose optimizer, or whose stream (unless allowed), differs from this run's."""
+        optimizer = (saved.get("learner") or {}).get("optimizer")
+        if optimizer is not None and optimizer != self.cfg.learner.optimizer:
+            raise CheckpointError(self._does_not_fit(path, f"it was trained with learner.optimizer={optimizer}, "
+                                                           f"this run asks for {self.cfg.learner.optimizer}"))
+        if not self._same_source(saved):
+            ours = [redact(u) for u in self.cfg.source.urls]
+            theirs = [redact(u) for u in (saved.get("source") or {}).get("urls", [])]
+            if not self.cfg.checkpoint.allow_new_source:
+                raise CheckpointError(
+                    f"checkpoint.dir {self.cfg.checkpoint.dir!r} holds a run on source.urls {theirs or '(the demo)'}, "
+                    f"but this run reads {ours or '(the demo)'}: give this run a folder of its own (--set "
+                    "checkpoint.dir=runs/NAME), or set checkpoint.allow_new_source=true to continue that model on "
+                    "this stream from its start")
+            log.warning("checkpoint %s was written on source.urls %s; continuing its model on %s from the stream's "
+                        "start (checkpoint.allow_new_source)", path, theirs, ours)
+
+    def _same_source(self, saved: dict[str, Any]) -> bool:
+        if "source" not in saved:  # a checkpoint without a configuration (tests, tools): nothing to compare
+            return True
+        theirs = [redact(u) for u in saved["source"].get("urls", [])]
+        return theirs == [redact(u) for u in self.cfg.source.urls]
+
+    def checkpoint(self) -> str | None:
+        """Write a checkpoint of everything, then ack the shards it covers. None when the write failed: that
+        is logged and counted, training goes on, and the next interval tries again."""
+        try:
+            path = self.checkpoints.save({
+                "learner": self.learner.state_dict(), "rng": rng_state(), "position": self.position,
+                "images": self.images, "config": self.cfg.to_dict(),
+            }, self.learner.step_count)
+        except CheckpointWriteError as exc:
+            self.metrics.checkpoint_failed()
+            self._last_ckpt_time = time.monotonic()  # retry at the next interval, not at every step
+            log.error("%s; training goes on and the next checkpoint interval tries again (the last checkpoint is "
+                      "%s; shards are acknowledged only once a checkpoint covers them)", exc, self._last_ckpt_path)
+            self.last_checkpoint_error = exc
+            return None
+        self.last_checkpoint_error = None
         if self.stream is not None and self.position is not None:
             self.stream.commit(self.position)
         self._last_ckpt_time, self._last_ckpt_step, self._last_ckpt_path = (
@@ -367,7 +432,9 @@ class Daemon:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
         if self._signals > 1:
-            log.warning("second signal: exiting now, without a final checkpoint")
+            last = self._last_ckpt_path or "none yet"
+            os.write(2, f"second signal: exiting now without a final checkpoint; the last checkpoint ({last}) is "
+                        "intact and a restart resumes from it\n".encode())
             os._exit(128 + signum)
         log.warning("signal %s: finishing the current step, then checkpointing and stopping "
                     "(send it again to exit at once)", signal.Signals(signum).name)
@@ -381,9 +448,18 @@ class Daemon:
             self.server = MetricsServer(self.metrics, self.registry, host=self.cfg.metrics.host,
                                         port=self.cfg.metrics.port, stall_s=self.cfg.metrics.stall_s)
         except OSError as exc:
-            raise RuntimeError(f"cannot serve metrics on {self.cfg.metrics.host}:{self.cfg.metrics.port} ({exc}); "
-                               "another run may hold the port: set metrics.port=0 for a free one, or -1 for "
-                               "none") from None
+            where = f"cannot serve metrics on {self.cfg.metrics.host}:{self.cfg.metrics.port} ({exc})"
+            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+                hint = ("metrics.host is not an address of this machine: use 127.0.0.1, 0.0.0.0 for every interface, "
+                        "or one of the machine's own addresses")
+            elif exc.errno == errno.EADDRINUSE:
+                hint = ("another process (another run?) holds the port: set metrics.port=0 for a free one, or -1 "
+                        "for none")
+            elif exc.errno == errno.EACCES:
+                hint = "ports below 1024 need privileges: use a higher metrics.port"
+            else:
+                hint = "set metrics.port=0 for a free port, or -1 for no metrics server"
+            raise UsageError(f"{where}: {hint}") from None
         self.echo(f"metrics on http://{self.cfg.metrics.host}:{self.server.port}/metrics "
                   f"(health: /healthz)")
 
@@ -397,10 +473,48 @@ class Daemon:
         return min(max(used), 1.0) if used else None
 
     def run(self) -> RunSummary:
-        cfg = self.cfg
+        """Train until a limit, a signal or an error; shut down cleanly either way.
+
+        A clean stop (limit, signal, the data path failing) writes a final checkpoint and the prototypes,
+        acks the shards the checkpoint covers and closes the store writer and the metrics server; an error
+        that stopped it is in ``RunSummary.error``. A run of non-finite steps stops without a checkpoint
+        (nothing was learned since the last one). The signal handlers stay until everything is closed, so
+        a second signal during the final checkpoint exits at once, leaving the previous checkpoint intact.
+        """
         in_main = threading.current_thread() is threading.main_thread()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
         start = time.monotonic()
+        try:
+            stats, n_images_run = self._loop(start)
+            path = self._last_ckpt_path
+            if self._write_final_checkpoint:
+                path = self._final_checkpoint(path)
+            self.publish_prototypes()
+            self.heartbeat(stats)
+            if not self.writer.flush(timeout_s=10.0):
+                log.warning("the prototype store did not take the final prototypes within 10 s")
+        finally:
+            self.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return RunSummary(steps=self.learner.step_count, images=n_images_run, seconds=time.monotonic() - start,
+                          last_loss=stats.loss if stats else math.nan, skipped_steps=self.learner.n_skipped,
+                          stopped_by_signal=bool(self._signals), checkpoint=path, bad_samples=dict(self.bad),
+                          error=self.error)
+
+    def _final_checkpoint(self, path: str | None) -> str | None:
+        if self.learner.step_count == self._last_ckpt_step:
+            return path
+        written = self.checkpoint()
+        if written is None and self.error is None:
+            self.error = RuntimeFailure(
+                f"the final checkpoint was not written ({self.last_checkpoint_error}); the training since the last "
+                f"checkpoint ({self._last_ckpt_path or 'none'}) is lost, and the shards it read are read again "
+                "after a restart")
+        return written or path
+
+    def _loop(self, start: float) -> tuple[StepStats | None, int]:
+        cfg = self.cfg
         stats: StepStats | None = None
         n_images_run = 0
         try:
@@ -430,20 +544,27 @@ class Daemon:
                                           n_prototypes_in_use=stats.n_prototypes_in_use,
                                           queue_fill=stats.queue_fill, step_s=stats.total_s, data_wait_s=wait_s,
                                           sinkhorn_s=stats.sinkhorn_s, skipped=stats.skipped)
+                if self.stream is not None:
+                    self.metrics.set_source_idle(self.stream.idle_seconds())
                 step = stats.step
-                if not stats.skipped and step % cfg.run.log_every_steps == 0:
+                if stats.skipped:
+                    self._nonfinite_streak += 1
+                    if self._nonfinite(stats):
+                        break
+                    continue
+                self._nonfinite_streak = 0
+                if step % cfg.run.log_every_steps == 0:
                     elapsed = time.monotonic() - window_start
                     self.metrics.set_data_wait_share(window_wait / elapsed)
                     self.echo(format_progress(stats, window_images / elapsed, window_wait / elapsed,
-                                              cfg.model.n_prototypes))
+                                              cfg.model.n_prototypes, self.learner.n_skipped))
                     self.history.write(stats, images=self.images, images_per_s=window_images / elapsed,
-                                       data_wait=window_wait / elapsed)
+                                       data_wait=window_wait / elapsed, skipped_steps=self.learner.n_skipped)
                     window_images, window_wait, window_start = 0, 0.0, time.monotonic()
-                if not stats.skipped:
-                    self.watch_collapse(stats)
-                if self.probe is not None and not stats.skipped and step % cfg.probe.every_steps == 0:
+                self.watch_collapse(stats)
+                if self.probe is not None and step % cfg.probe.every_steps == 0:
                     self.run_probe()
-                if not stats.skipped and step % cfg.store.every_steps == 0:
+                if step % cfg.store.every_steps == 0:
                     self.publish_prototypes()
                 if time.monotonic() - self._last_heartbeat > cfg.store.heartbeat_ttl_s / 3:
                     self.heartbeat(stats)
@@ -453,20 +574,25 @@ class Daemon:
         finally:
             if self.feeder is not None:
                 self.feeder.stop()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        # a clean stop: checkpoint, prototypes, acks, then let go of the resources
-        path = self._last_ckpt_path
-        if self.learner.step_count != self._last_ckpt_step:
-            path = self.checkpoint()
-        self.publish_prototypes()
-        self.heartbeat(stats)
-        if not self.writer.flush(timeout_s=10.0):
-            log.warning("the prototype store did not take the final prototypes within 10 s")
-        self.close()
-        return RunSummary(steps=self.learner.step_count, images=n_images_run, seconds=time.monotonic() - start,
-                          last_loss=stats.loss if stats else math.nan, skipped_steps=self.learner.n_skipped,
-                          stopped_by_signal=bool(self._signals), checkpoint=path, bad_samples=dict(self.bad))
+        return stats, n_images_run
+
+    def _nonfinite(self, stats: StepStats) -> bool:
+        """After a skipped step: a progress line every log_every_steps of them, and True (stop) after
+        run.max_nonfinite_steps in a row."""
+        streak, limit = self._nonfinite_streak, self.cfg.run.max_nonfinite_steps
+        if streak % self.cfg.run.log_every_steps == 0:
+            self.echo(f"step {stats.step:>7} | skipped {streak} non-finite steps in a row "
+                      f"({self.learner.n_skipped} in all){f'; stopping at {limit}' if limit else ''}")
+            self.history.event({"time": round(time.time(), 3), "event": "nonfinite", "step": stats.step,
+                                "streak": streak, "skipped_steps": self.learner.n_skipped})
+        if not limit or streak < limit:
+            return False
+        self._write_final_checkpoint = False
+        self.error = NonFiniteRun(
+            f"the last {streak} steps were all non-finite (loss or gradients NaN or inf), so nothing was learned: "
+            f"stopped without a checkpoint; the last good one is {self._last_ckpt_path or 'none'}. Check the input "
+            "and lower learner.base_lr, or resume from an older checkpoint (run.max_nonfinite_steps sets the limit)")
+        return True
 
     def close(self) -> None:
         if self.feeder is not None:

@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from streamssl.errors import UsageError
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+class DatasetError(UsageError, ValueError):
+    """A dataset spec names nothing usable (a missing folder, no labels, a wrong file)."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -58,7 +64,7 @@ def _read_idx(path: Path) -> np.ndarray:
         data = f.read()
     zero, dtype_code, n_dims = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not an idx file of unsigned bytes")
+        raise DatasetError(f"{path}: not an idx file of unsigned bytes")
     shape = struct.unpack(f">{n_dims}I", data[4:4 + 4 * n_dims])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * n_dims).reshape(shape)
 
@@ -67,7 +73,7 @@ def _idx_file(folder: Path, stem: str) -> Path:
     for name in (f"{stem}.gz", stem):
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f"{folder}: no {stem}(.gz); install dataset-fashion-mnist or give the folder")
+    raise DatasetError(f"{folder}: no {stem}(.gz); install dataset-fashion-mnist or give the folder")
 
 
 def load_fashion_mnist(folder: str | Path = FASHION_MNIST_DIR, split: str = "train") -> LabeledImages:
@@ -84,7 +90,7 @@ def load_image_folder(folder: str | Path) -> LabeledImages:
     folder = Path(folder)
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"{folder}: no class sub-folders")
+        raise DatasetError(f"{folder}: no class sub-folders")
     images, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((folder / name).rglob("*")):
@@ -105,7 +111,7 @@ def load_shards(pattern: str) -> LabeledImages:
                 images.append(sample.data)
                 labels.append(sample.label)
     if not labels:
-        raise ValueError(f"{pattern}: no labeled samples (.cls) found")
+        raise DatasetError(f"{pattern}: no labeled samples (.cls) found")
     return LabeledImages(images, np.asarray(labels, dtype=np.int64), int(max(labels)) + 1)
 
 
@@ -123,6 +129,9 @@ def load_splits(spec: str, *, limit_train: int = 0, limit_test: int = 0, seed: i
         else:
             train, test = _holdout(load_image_folder(root), seed)
     else:
+        if not set(spec) & set("*?[{") and "://" not in spec and not Path(spec).exists():
+            raise DatasetError(f"dataset {spec!r}: no such folder or shard; give fashion-mnist[:FOLDER], an image "
+                               "folder (one sub-folder per class) or a pattern of labeled shards")
         train, test = _holdout(load_shards(spec), seed)
     rng = np.random.default_rng(seed)
     if limit_train and len(train) > limit_train:
@@ -229,17 +238,19 @@ def linear_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
 
 def load_trunk(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """The trunk of a streamssl checkpoint (weights only, no code run) and the run's configuration dict."""
-    from streamssl.checkpoint import CheckpointManager
+    from streamssl.checkpoint import CheckpointError, load_checkpoint
     from streamssl.config import ModelConfig
     from streamssl.model import SwAVModel
 
-    path = Path(checkpoint)
-    state = CheckpointManager(path.parent).load(path, map_location=device)
-    assert state is not None
-    config = state["config"]
-    model = SwAVModel(ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                     for k, v in config["model"].items()}))
-    model.load_state_dict(state["learner"]["model"])
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    try:
+        config = state["config"]
+        model = SwAVModel(ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in config["model"].items()}))
+        model.load_state_dict(state["learner"]["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{checkpoint}: its model cannot be rebuilt ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     return model.trunk.to(device).eval(), config
 
 
@@ -257,7 +268,7 @@ def evaluate(task: str, trunk: nn.Module | None, train: LabeledImages, test: Lab
     elif task == "linear":
         scores = linear_probe(train_feats, train_labels, test_feats, n_classes)
     else:
-        raise ValueError(f"unknown evaluation {task!r}: knn or linear")
+        raise UsageError(f"unknown evaluation {task!r}: knn or linear")
     result: dict[str, Any] = {"task": task, **topk_accuracy(scores, test_labels), "n_train": len(train),
                               "n_test": len(test), "n_classes": n_classes, "image_size": size,
                               "seconds": round(time.perf_counter() - t, 2)}

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from streamssl.errors import UsageError
 from streamssl.eval import load_trunk
 from streamssl.model import TRUNK_DIMS, make_trunk, stem_of
 
@@ -41,7 +42,7 @@ def torchvision_model(meta: dict[str, Any]) -> nn.Module:
 def export(checkpoint: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
     """Write the trunk of ``checkpoint`` to ``out`` in ``fmt``; returns the metadata also written beside it."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
+        raise UsageError(f"--format {fmt!r}: unknown; one of {', '.join(FORMATS)}")
     trunk, config = load_trunk(checkpoint)
     model_cfg, augment_cfg = config["model"], config["augment"]
     size = int(augment_cfg["sizes"][0])

@@ -37,6 +37,10 @@ streamssl_store_up (gauge)                              1 if the last store writ
 streamssl_store_last_success_timestamp_seconds (gauge)  unix time of the last successful write (0: none)
 streamssl_checkpoint_last_write_timestamp_seconds       unix time of the last checkpoint (0: none);
     (gauge)                                             checkpoint age is ``time() - this`` in PromQL
+streamssl_checkpoint_write_failures_total (counter)     checkpoints that could not be written (disk full,
+                                                        permissions); training goes on, retried next interval
+streamssl_source_idle_seconds (gauge)                   how long the source has had no new shard (0 while
+                                                        shards flow): a quiet folder or ingest stream
 streamssl_probe_accuracy_ratio (gauge)                  online probe accuracy, 0..1
 streamssl_probe_duration_seconds (gauge)                time the last online probe took (training paused)
 streamssl_daemon_start_timestamp_seconds (gauge)        unix time the metrics were created (run start);
@@ -67,14 +71,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
 
 from streamssl import __version__
+from streamssl.reasons import BAD_REASONS as SAMPLE_REASONS
+from streamssl.reasons import OTHER
 
 log = logging.getLogger("streamssl.metrics")
 
-#: Reasons a sample can be dropped for; anything else is counted as "other" (labels stay bounded).
-BAD_REASONS: tuple[str, ...] = (
-    "empty", "not_image", "truncated", "corrupt", "too_large", "unsupported", "decode_error", "shard_error",
-    "refused_url", "other",
-)
+#: Reasons a sample can be dropped for (streamssl.reasons), and "other" for anything else: labels stay bounded.
+BAD_REASONS: tuple[str, ...] = (*SAMPLE_REASONS, OTHER)
 
 # Bucket edges in seconds. A step runs from ~10 ms (tiny CPU model) to tens of seconds (large batch on CPU);
 # waiting for data is ~0 when the pipeline keeps up; Sinkhorn is milliseconds unless K or the queue is huge.
@@ -160,6 +163,11 @@ class Metrics:
                                         "successful prototype store write; 0 before the first.", registry=r)
         self.checkpoint_time = Gauge("streamssl_checkpoint_last_write_timestamp_seconds", "Unix time of the last "
                                      "checkpoint written; 0 before the first. Age: time() - this.", registry=r)
+        self.checkpoint_failures = Counter("streamssl_checkpoint_write_failures", "Checkpoints that could not be "
+                                           "written (disk full, permissions); retried at the next interval.",
+                                           registry=r)
+        self.source_idle = Gauge("streamssl_source_idle_seconds", "Seconds the source has had no new shard "
+                                 "(0 while shards flow).", registry=r)
         self.probe_acc = Gauge("streamssl_probe_accuracy_ratio", "Online probe accuracy, 0..1.", registry=r)
         self.probe_time = Gauge("streamssl_probe_duration_seconds", "Time the last online probe took; training "
                                 "waits for it. Lower probe.limit_train/limit_test if it grows.", registry=r)
@@ -216,7 +224,7 @@ class Metrics:
 
     def bad_sample(self, reason: str, n: int = 1) -> None:
         """Count ``n`` dropped samples; a reason outside ``BAD_REASONS`` counts as "other"."""
-        label = reason if reason in BAD_REASONS else "other"
+        label = reason if reason in BAD_REASONS else OTHER
         if n > 0:
             self.bad_samples.labels(label).inc(n)
 
@@ -244,6 +252,12 @@ class Metrics:
     def checkpoint_written(self, unix_s: float) -> None:
         """A checkpoint was written (or found on resume) at unix time ``unix_s``."""
         self.checkpoint_time.set(unix_s)
+
+    def checkpoint_failed(self) -> None:
+        self.checkpoint_failures.inc()
+
+    def set_source_idle(self, seconds: float) -> None:
+        self.source_idle.set(max(0.0, seconds))
 
     def probe_accuracy(self, value: float, seconds: float | None = None) -> None:
         """Online probe accuracy as a fraction (ValueError outside 0..1: a percentage by mistake), and how long

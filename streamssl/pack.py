@@ -33,6 +33,7 @@ from typing import BinaryIO
 from PIL import Image
 from webdataset import TarWriter
 
+from streamssl.errors import RuntimeFailure, UsageError
 from streamssl.samples import IMAGE_EXTS, check_image
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def _shard_path(out_pattern: str, index: int) -> Path:
     try:
         return Path(out_pattern % index)
     except TypeError:
-        raise ValueError(f"out_pattern {out_pattern!r}: expected one printf-style index such as "
+        raise UsageError(f"out_pattern {out_pattern!r}: expected one printf-style index such as "
                          "shards/shard-%06d.tar") from None
 
 
@@ -124,12 +125,15 @@ def pack_shards(src_dir: str | os.PathLike[str], out_pattern: str, *, per_shard:
     """
     src = Path(src_dir)
     if not src.is_dir():
-        raise ValueError(f"src_dir {str(src_dir)!r}: not a directory")
+        raise UsageError(f"src_dir {str(src_dir)!r}: no such folder" if not src.exists() else
+                         f"src_dir {str(src_dir)!r}: not a folder")
     if per_shard < 1:
-        raise ValueError(f"per_shard must be >= 1, got {per_shard}")
+        raise UsageError(f"per_shard must be >= 1, got {per_shard}")
     if max_side < 0:
-        raise ValueError(f"max_side must be >= 0 (0: keep the size), got {max_side}")
-    _shard_path(out_pattern, 0)  # fail early on a pattern without an index
+        raise UsageError(f"max_side must be >= 0 (0: keep the size), got {max_side}")
+    if _shard_path(out_pattern, 0) == _shard_path(out_pattern, 1):  # fail early on a pattern without an index
+        raise UsageError(f"out_pattern {out_pattern!r}: names the same file for every shard; put one index in it, "
+                         "such as shards/shard-%06d.tar")
 
     images = list(_images(src))
     classes = sorted({p.relative_to(src).parts[0] for p in images if len(p.relative_to(src).parts) > 1})
@@ -198,6 +202,12 @@ def pack_shards(src_dir: str | os.PathLike[str], out_pattern: str, *, per_shard:
         _write_atomic(classes_path, write_classes)
     if skipped:
         log.warning("pack: skipped %d images: %s", sum(skipped.values()), dict(skipped))
+    if not images:
+        raise UsageError(f"{src}: no images to pack ({', '.join('*.' + e for e in IMAGE_EXTS)}, searched "
+                         "recursively)")
+    if not written:
+        raise RuntimeFailure(f"{src}: none of the {len(images)} images could be packed (skipped: "
+                             f"{dict(skipped)}); nothing written")
     return written
 
 

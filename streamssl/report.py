@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from streamssl.errors import UsageError
+
 log = logging.getLogger("streamssl.report")
 
 PANELS = (
@@ -46,10 +48,15 @@ def draw(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise UsageError(f"{run_dir}: no such folder or file; give the run's checkpoint.dir")
     history = run_dir / "history.jsonl" if run_dir.is_dir() else run_dir
+    if not history.is_file():
+        raise UsageError(f"{run_dir}: no history.jsonl in it; `streamssl run` writes one into its checkpoint.dir "
+                         "with every progress line: is this the run's checkpoint.dir?")
     records = read_history(history)
     if not records:
-        raise ValueError(f"{history}: no records yet; let the daemon run a few progress intervals")
+        raise UsageError(f"{history}: no records yet; the daemon writes one every run.log_every_steps steps")
     out = Path(out_dir) if out_dir is not None else history.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
     t0 = min(r["time"] for r in records)

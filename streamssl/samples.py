@@ -35,6 +35,7 @@ import re
 import struct
 import tarfile
 import threading
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -45,27 +46,19 @@ import numpy as np
 from PIL import Image
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
+from streamssl.backoff import RateLimitedLog, ShardBackoff
 from streamssl.config import SourceConfig
+from streamssl.reasons import BAD_REASONS
 from streamssl.source import ShardSource, SourceError, open_shard
 
 log = logging.getLogger(__name__)
+_shard_log = RateLimitedLog(log, limit=20, interval_s=60.0)  # a stream of dead shards must not flood the log
+IDLE_LOG_FIRST_S = 10.0  # a quiet source is reported after this long, then every IDLE_LOG_EVERY_S
+IDLE_LOG_EVERY_S = 60.0
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 """Member extensions taken as the sample's image, in order of preference when a sample has several."""
 
-BAD_REASONS = (
-    "empty",         # zero-byte image member
-    "not_image",     # bytes that are no known image format (a text file named .jpg)
-    "truncated",     # an image cut short (a JPEG without its end, a PNG missing chunks)
-    "corrupt",       # the image structure or header is broken (bad PNG CRC, broken JPEG markers)
-    "too_large",     # more pixels than max_pixels (decompression bombs) or a member over max_member_bytes
-    "unsupported",   # no jpg/jpeg/png/webp member, or another image format (gif, bmp, tiff)
-    "decode_error",  # reserved for the augment stage: the decoder still failed
-    "augment_error",  # reserved for the augment stage: decoded, but the views could not be made
-    "shard_error",   # a shard unreadable, vanished, cut mid-member or with garbage inside: rest skipped
-    "refused_url",   # a shard URL whose scheme is not allowed (see source.check_url)
-)
-"""Every reason ``on_bad`` is called with. A fixed set so that a metrics label stays bounded."""
 
 OnBad = Callable[[str], None]
 T = TypeVar("T")
@@ -355,7 +348,7 @@ class _ShardErrors:
         if not self.counted:
             self.counted = True
             self.on_bad("shard_error")
-            log.warning("shard %s: %s: %s", self.url, type(exc).__name__, exc)
+            _shard_log.warning("shard %s: %s: %s", self.url, type(exc).__name__, exc)
         return True
 
 
@@ -526,6 +519,12 @@ class SampleStream:
         # one call in flight (one poll: source.poll_s).
         self._source_turn = threading.Event()
         self._source_turn.set()
+        self._closed = threading.Event()
+        self.backoff = ShardBackoff()
+        self._misses = 0  # shards in a row that gave no sample (failed, or skipped while backing off)
+        self._all_failing_log = RateLimitedLog(log, limit=1, interval_s=60.0)
+        self.idle_since: float | None = None  # monotonic time the source went quiet; None while shards flow
+        self._next_idle_log = IDLE_LOG_FIRST_S
 
     # ------------------------------------------------------------------ reading
 
@@ -534,12 +533,20 @@ class SampleStream:
         # One sample of look-ahead: the shard's end is known before its last sample is handed on, so the
         # shard is acked as that sample leaves the stream, not when the consumer asks for the one after.
         held: Sample | None = None
+        failed, good = False, 0
+
+        def on_bad(reason: str) -> None:
+            nonlocal failed
+            failed = failed or reason in ("shard_error", "refused_url")
+            self.on_bad(reason)
+
         for index, sample in read_shard(shard.url, allow_pipe=cfg.allow_pipe,
                                         max_member_bytes=cfg.max_member_bytes, max_pixels=cfg.max_pixels,
-                                        on_bad=self.on_bad, skip=shard.settled):
+                                        on_bad=on_bad, skip=shard.settled):
             if sample is None:
                 shard.settled.add(index)
                 continue
+            good += 1
             if held is not None:
                 shard.n_buffered += 1
                 yield shard, held
@@ -548,7 +555,34 @@ class SampleStream:
         if held is not None:
             shard.n_buffered += 1
             yield shard, held
+        if good:
+            self.backoff.succeeded(shard.url)
+            self._misses = 0
+        elif failed:
+            delay = self.backoff.failed(shard.url)
+            self._misses += 1
+            log.debug("shard %s failed %d time(s) in a row; not tried again for %.0f s", shard.url,
+                      self.backoff.failures(shard.url), delay)
         self._maybe_done(shard)
+
+    def _backing_off(self, url: str) -> Iterator[None] | None:
+        """For a URL still backing off after failures: None to skip it this time, or (when every URL met lately
+        is failing) a wait until it is due that yields idle ticks, after which it is read."""
+        wait = self.backoff.wait_s(url)
+        if wait <= 0:
+            return iter(())
+        self._misses += 1
+        if self._misses < self.backoff.n_failing:
+            return None
+
+        def waiting() -> Iterator[None]:
+            self._all_failing_log.warning(
+                "all %d shard URLs met lately are failing (%s, ...); next try in %.0f s, backing off up to %.0f s",
+                self.backoff.n_failing, url, wait, self.backoff.max_s)
+            yield None  # the shuffle buffer drains while we wait
+            self._closed.wait(wait)
+
+        return waiting()
 
     def _entries(self) -> Iterator[tuple[_OpenShard, Sample] | None]:
         restored, self._restored = self._restored, []
@@ -562,11 +596,36 @@ class SampleStream:
             if url is _EXHAUSTED:
                 return
             if url is None:  # idle tick from the source
+                self._note_idle()
                 yield None
                 continue
+            self.idle_since, self._next_idle_log = None, IDLE_LOG_FIRST_S
+            waiting = self._backing_off(url)
             shard = _OpenShard(url)
             self._open.append(shard)
+            if waiting is None:  # skipped while it backs off: settled without a read, like a shard that failed
+                shard.eof = True
+                self._maybe_done(shard)
+                continue
+            yield from waiting
+            if self._closed.is_set():
+                return
             yield from self._read(shard)
+
+    def _note_idle(self) -> None:
+        now = time.monotonic()
+        if self.idle_since is None:
+            self.idle_since = now
+        elif now - self.idle_since >= self._next_idle_log:
+            describe = getattr(self.source, "describe", None)
+            log.info("waiting for new shards (%s) for %.0f s", describe() if describe else "the source",
+                     now - self.idle_since)
+            self._next_idle_log += IDLE_LOG_EVERY_S
+
+    def idle_seconds(self) -> float:
+        """How long the source has had no new shard (0 while shards flow); readable from any thread."""
+        since = self.idle_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def _maybe_done(self, shard: _OpenShard) -> None:
         if not shard.eof or shard.n_buffered > 0 or shard not in self._open:
@@ -594,6 +653,7 @@ class SampleStream:
 
     def close(self) -> None:
         """Stop waiting for shards (from another thread too): iteration ends at the next poll."""
+        self._closed.set()
         self.source.close()
 
     # ------------------------------------------------------------------ position

@@ -48,10 +48,12 @@ import redis
 from webdataset.gopen import gopen as wds_gopen
 
 from streamssl.config import SourceConfig
+from streamssl.errors import RuntimeFailure
+from streamssl.redis_client import NO_TLS, TLSFiles, auth_hint, connect, is_auth_error
+from streamssl.urls import REDIS_SCHEMES, SourceError, check_url, redact
 
 log = logging.getLogger(__name__)
 
-REDIS_SCHEMES = ("redis://", "rediss://")
 DEFAULT_STREAM_KEY = "streamssl:shards"
 # Names a producer uses while it writes; such files are never read (write to one, then rename into place).
 _PARTIAL_SUFFIXES = (".tmp", ".part")
@@ -60,34 +62,7 @@ _GLOB_CHARS = frozenset("*?[")
 T = TypeVar("T")
 
 
-class SourceError(ValueError):
-    """A shard URL or source specification is refused or unusable. The message names the URL."""
-
-
 # --------------------------------------------------------------------------------------------- scheme policy
-
-
-def check_url(url: str, *, allow_pipe: bool = False) -> str:
-    """Return ``url`` if its scheme is allowed, else raise ``SourceError`` naming it.
-
-    Allowed: local paths, ``file://``, ``http://``, ``https://``; ``pipe:`` only with ``allow_pipe``
-    (webdataset runs the rest of a ``pipe:`` URL as a shell command). Everything else (``s3://``, ``gs://``,
-    ``ftp://``, ``-`` for stdin, ...) is refused rather than guessed at.
-    """
-    if not isinstance(url, str) or not url.strip():
-        raise SourceError(f"shard URL {url!r}: empty")
-    if url.startswith("pipe:"):
-        if allow_pipe:
-            return url
-        raise SourceError(f"shard URL {url!r}: pipe: URLs run shell commands and are refused; set "
-                          "source.allow_pipe = true only if every producer of URLs is trusted")
-    if url == "-":
-        raise SourceError(f"shard URL {url!r}: reading shards from stdin is not supported")
-    scheme = urlparse(url).scheme.lower()
-    if scheme in ("", "file", "http", "https"):
-        return url
-    raise SourceError(f"shard URL {url!r}: scheme {scheme!r} is not allowed (local paths, file://, "
-                      "http://, https://; pipe: with source.allow_pipe)")
 
 
 def open_shard(url: str, *, allow_pipe: bool = False) -> IO[bytes]:
@@ -184,6 +159,9 @@ class PatternSource:
         self._next = 0
         self._closed = threading.Event()
 
+    def describe(self) -> str:
+        return f"{len(self.urls)} shards of {', '.join(self.urls[:2])}{', ...' if len(self.urls) > 2 else ''}"
+
     def pass_order(self, pass_index: int) -> list[str]:
         """The URLs this rank reads in pass ``pass_index``."""
         order = list(self.urls)
@@ -258,6 +236,9 @@ class FolderSource:
         # name -> ((size, mtime_ns), monotonic time first seen with that signature)
         self._seen: dict[str, tuple[tuple[int, int], float]] = {}
         self._closed = threading.Event()
+
+    def describe(self) -> str:
+        return f"*.tar in {self.folder}"
 
     def _mine(self, name: str) -> bool:
         if self.world_size == 1:
@@ -346,31 +327,46 @@ class FolderSource:
 # --------------------------------------------------------------------------------------------- redis
 
 
-def redis_client(redis_url: str, *, socket_timeout_s: float | None = None) -> redis.Redis:
-    """A client for ``redis://`` or ``rediss://`` (TLS) URLs, with a password or user:password if given."""
-    if not redis_url.startswith(REDIS_SCHEMES):
-        raise SourceError(f"Redis URL {redis_url!r}: expected redis:// or rediss://")
-    return redis.Redis.from_url(redis_url, socket_connect_timeout=5.0, socket_timeout=socket_timeout_s,
-                                decode_responses=True)
+def redis_client(redis_url: str, *, socket_timeout_s: float | None = None, tls: TLSFiles = NO_TLS,
+                 ) -> redis.Redis:
+    """A client of the ingest stream: ``redis_client.connect`` with text replies."""
+    return connect(redis_url, what="Redis URL", socket_timeout_s=socket_timeout_s, tls=tls, decode_responses=True)
 
 
-def publish_urls(redis_url: str, urls: list[str], *, stream_key: str = DEFAULT_STREAM_KEY) -> list[str]:
+def publish_urls(redis_url: str, urls: list[str], *, stream_key: str = DEFAULT_STREAM_KEY,
+                 tls: TLSFiles = NO_TLS, allow_pipe: bool = False) -> list[str]:
     """Producer side: XADD each shard URL (field ``url``) to ``stream_key``; return the entry ids in order.
 
-    The stream is not trimmed here: trimming could drop shards no learner has read. Consumers check the
-    URL's scheme, so a refused URL published here is counted and skipped by them, not run.
+    Every URL is checked first, as consumers check it (scheme; a local path must be an existing file), so a
+    mistyped URL is refused here instead of being counted and skipped by every learner. The stream is not
+    trimmed here: trimming could drop shards no learner has read.
     """
     for url in urls:
-        if not isinstance(url, str) or not url.strip():
-            raise SourceError(f"shard URL {url!r}: empty")
-    client = redis_client(redis_url)
+        check_url(url, allow_pipe=allow_pipe)
+        if urlparse(url).scheme.lower() in ("", "file") and not os.path.isfile(_local_path(url)):
+            raise SourceError(f"shard URL {url!r}: no such file here (learners read local paths on their own "
+                              "machines: publish paths they can see, or http(s) URLs)")
+    client = redis_client(redis_url, tls=tls)
     try:
         pipe = client.pipeline(transaction=True)
         for url in urls:
             pipe.xadd(stream_key, {"url": url})
         return [str(entry_id) for entry_id in pipe.execute()]
+    except redis.RedisError as exc:
+        if is_auth_error(exc):
+            raise RedisAuthError(f"{auth_hint(redis_url)} ({exc})") from None
+        raise SourceUnavailable(f"Redis at {redact(redis_url)} unreachable: {exc}; is redis-server running "
+                                "there, and is the URL right?") from None
     finally:
         client.close()
+
+
+class RedisAuthError(SourceError):
+    """The ingest stream's Redis refused our credentials: a configuration error, never retried."""
+
+
+class SourceUnavailable(RuntimeFailure):
+    """The ingest stream's Redis does not answer (``streamssl ingest``; learners retry instead)."""
 
 
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
@@ -398,7 +394,7 @@ class RedisStreamSource:
 
     def __init__(self, redis_url: str, *, stream_key: str = DEFAULT_STREAM_KEY, group: str = "learners",
                  consumer: str = "", poll_s: float = 2.0, claim_idle_s: float = 600.0,
-                 max_backoff_s: float = 5.0) -> None:
+                 max_backoff_s: float = 5.0, tls: TLSFiles = NO_TLS) -> None:
         self.redis_url = redis_url
         self.stream_key = stream_key
         self.group = group
@@ -407,7 +403,7 @@ class RedisStreamSource:
         self.claim_idle_s = claim_idle_s
         self.max_backoff_s = max_backoff_s
         # A blocking XREADGROUP waits poll_s: the socket must wait longer than that.
-        self._client = redis_client(redis_url, socket_timeout_s=poll_s + 10.0)
+        self._client = redis_client(redis_url, socket_timeout_s=poll_s + 10.0, tls=tls)
         self._open: list[tuple[str, str]] = []  # (url, entry id), handed out, not done
         self._unacked: list[str] = []  # done, XACK failed (Redis down): retried on the next call
         self._claim_cursor = "0-0"
@@ -415,6 +411,9 @@ class RedisStreamSource:
         self._group_ready = False
         self._closed = threading.Event()
         self.n_reconnects = 0
+
+    def describe(self) -> str:
+        return f"shard URLs on Redis stream {self.stream_key} at {redact(self.redis_url)}"
 
     # ------------------------------------------------------------------ plumbing
 
@@ -440,7 +439,17 @@ class RedisStreamSource:
                 if failing:
                     log.info("redis %s: reconnected", self.stream_key)
                 return result
-            except _TRANSIENT as exc:
+            except redis.RedisError as exc:
+                if is_auth_error(exc):  # a wrong password stays wrong: stop with the reason, never spin on it
+                    raise RedisAuthError(f"{auth_hint(self.redis_url)} ({exc}); set it in source.urls") from None
+                if isinstance(exc, redis.ResponseError):
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    self._group_ready = False  # stream or group deleted, or Redis restarted empty
+                    self._closed.wait(0.01)
+                    continue
+                if not isinstance(exc, _TRANSIENT):
+                    raise
                 if not failing:
                     log.warning("redis %s: %s; retrying with backoff", self.stream_key, exc)
                     failing = True
@@ -448,11 +457,6 @@ class RedisStreamSource:
                 self._group_ready = False  # a restarted server may have lost the group
                 self._closed.wait(delay)
                 delay = min(delay * 2, self.max_backoff_s)
-            except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self._group_ready = False  # stream or group deleted, or Redis restarted empty
-                self._closed.wait(0.01)
         return None
 
     def _flush_acks(self) -> None:
@@ -552,7 +556,8 @@ class RedisStreamSource:
 # --------------------------------------------------------------------------------------------- factory
 
 
-def make_source(cfg: SourceConfig, *, rank: int = 0, world_size: int = 1) -> ShardSource:
+def make_source(cfg: SourceConfig, *, rank: int = 0, world_size: int = 1, tls: TLSFiles = NO_TLS,
+                ) -> ShardSource:
     """Choose the source from ``cfg.urls``: one ``redis://`` / ``rediss://`` URL -> ``RedisStreamSource``;
     one existing directory -> ``FolderSource``; otherwise patterns and URLs -> ``PatternSource``.
 
@@ -567,7 +572,7 @@ def make_source(cfg: SourceConfig, *, rank: int = 0, world_size: int = 1) -> Sha
         if len(urls) != 1:
             raise SourceError(f"source.urls {list(urls)!r}: a Redis stream must be the only source")
         return RedisStreamSource(redis_urls[0], stream_key=cfg.stream_key, group=cfg.group,
-                                 consumer=cfg.consumer, poll_s=cfg.poll_s, claim_idle_s=cfg.claim_idle_s)
+                                 consumer=cfg.consumer, poll_s=cfg.poll_s, claim_idle_s=cfg.claim_idle_s, tls=tls)
     folders = [u for u in urls if os.path.isdir(u)]
     if folders:
         if len(urls) != 1:
@@ -579,6 +584,7 @@ def make_source(cfg: SourceConfig, *, rank: int = 0, world_size: int = 1) -> Sha
 
 
 __all__ = [
-    "DEFAULT_STREAM_KEY", "FolderSource", "PatternSource", "RedisStreamSource", "ShardSource", "SourceError",
+    "DEFAULT_STREAM_KEY", "FolderSource", "PatternSource", "RedisAuthError", "RedisStreamSource", "ShardSource",
+    "SourceError", "SourceUnavailable",
     "check_url", "expand_pattern", "make_source", "open_shard", "publish_urls", "redis_client",
 ]

@@ -49,13 +49,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-import redis
 from redis import exceptions as redis_errors
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from streamssl.errors import StreamsslError
+from streamssl.redis_client import TLSFiles, connect, is_auth_error
+from streamssl.urls import check_redis_url, redact
 
 try:  # POSIX: a real lock between processes sharing a local store
     import fcntl
@@ -68,14 +70,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamssl.store")
 
 DTYPE = "<f4"  # the only dtype stored: little-endian float32, whatever the host byte order
-REDIS_SCHEMES = ("redis://", "rediss://")
+redact_url = redact  # the name this module exported first
 InfoValue = str | int | float
 
 
 # --------------------------------------------------------------------------------------------- errors
 
 
-class StoreError(Exception):
+class StoreError(StreamsslError):
     """Base of every error this module raises on purpose."""
 
 
@@ -103,7 +105,11 @@ class StoreUnavailable(StoreError):
 
 
 class StoreAuthError(StoreUnavailable):
-    """The store refused our credentials (wrong or missing password, unknown user, missing ACL right)."""
+    """The store refused our credentials (wrong or missing password, unknown user, missing ACL right).
+
+    A configuration error (exit code 2): retrying with the same credentials cannot succeed."""
+
+    exit_code = 2
 
 
 # --------------------------------------------------------------------------------------------- contract
@@ -295,19 +301,6 @@ class _StatusMixin:
 # --------------------------------------------------------------------------------------------- Redis
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password: safe for logs, errors and ``streamssl status``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, sep, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hostport}" if sep else netloc
-    # redis-py also takes ?password=... in the query
-    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
 # KEYS[1] current hash, KEYS[2] history list.
 # ARGV: expected version ("" = unconditional), archive key prefix, history length, then the fields.
 _WRITE_LUA = """
@@ -361,13 +354,12 @@ class RedisPrototypeStore(_StatusMixin):
     def __init__(self, url: str, *, prefix: str = "streamssl", history: int = 20, writer: str | None = None,
                  socket_timeout_s: float = 2.0, tls_ca_file: str = "", tls_cert_file: str = "",
                  tls_key_file: str = "") -> None:
-        if not url.startswith(REDIS_SCHEMES):
-            raise ValueError(f"store URL {redact_url(url)!r}: expected redis:// or rediss://")
+        check_redis_url(url, "store.url")
         if history < 0:
             raise ValueError(f"history must be >= 0, got {history}")
         if not prefix:
             raise ValueError("prefix must not be empty")
-        self.location = redact_url(url)
+        self.location = redact(url)
         self.prefix = prefix
         self.history_len = history
         self.writer = writer or default_writer_id()
@@ -377,24 +369,11 @@ class RedisPrototypeStore(_StatusMixin):
         self.checkpoint_key = f"{prefix}:checkpoint"
         self.learner_prefix = f"{prefix}:learner:"
         self.learners_key = f"{prefix}:learners"
-        kwargs: dict[str, Any] = {
-            "socket_timeout": socket_timeout_s,
-            "socket_connect_timeout": socket_timeout_s,
-            # One quick retry: a pooled connection to a restarted server fails once, then reconnects.
-            # Longer retry schedules belong to the BackgroundWriter, which never blocks training.
-            "retry": Retry(NoBackoff(), 1),
-        }
-        if url.startswith("rediss://"):
-            if tls_ca_file:
-                kwargs["ssl_ca_certs"] = tls_ca_file
-            if tls_cert_file:
-                kwargs["ssl_certfile"] = tls_cert_file
-            if tls_key_file:
-                kwargs["ssl_keyfile"] = tls_key_file
-        try:
-            self._client = redis.Redis.from_url(url, **kwargs)
-        except ValueError as exc:  # a malformed URL; the message of redis-py carries no password
-            raise ValueError(f"store URL {self.location!r}: {exc}") from None
+        # One quick retry: a pooled connection to a restarted server fails once, then reconnects.
+        # Longer retry schedules belong to the BackgroundWriter, which never blocks training.
+        self._client = connect(url, what="store.url", socket_timeout_s=socket_timeout_s,
+                               connect_timeout_s=socket_timeout_s,
+                               tls=TLSFiles(tls_ca_file, tls_cert_file, tls_key_file), retry=Retry(NoBackoff(), 1))
         self._write_script = self._client.register_script(_WRITE_LUA)
 
     @contextlib.contextmanager
@@ -402,16 +381,12 @@ class RedisPrototypeStore(_StatusMixin):
         """Translate redis-py errors into this module's, naming the (redacted) store and the operation."""
         try:
             yield
-        except (redis_errors.AuthenticationError, redis_errors.AuthorizationError,
-                redis_errors.NoPermissionError) as exc:
-            raise StoreAuthError(f"Redis at {self.location} refused our credentials while {what}: {exc} "
-                                 "(check the user and password in store.url)") from exc
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
-            raise StoreUnavailable(f"Redis at {self.location} unreachable while {what}: {exc}") from exc
-        except redis_errors.ResponseError as exc:
-            if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-                raise StoreAuthError(f"Redis at {self.location} refused our credentials while {what}: "
-                                     f"{exc}") from exc
+        except redis_errors.RedisError as exc:
+            if is_auth_error(exc):
+                raise StoreAuthError(f"Redis at {self.location} refused our credentials while {what}: {exc} "
+                                     "(check the user and password in store.url)") from exc
+            if isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError):
+                raise StoreUnavailable(f"Redis at {self.location} unreachable while {what}: {exc}") from exc
             raise StoreError(f"Redis at {self.location} failed while {what}: {exc}") from exc
 
     def write(self, prototypes: Any, step: int, *, expected_version: int | None) -> int:

@@ -67,15 +67,13 @@ def test_forced_collapse_is_detected_rolled_back_and_recovered(tmp_path: Path) -
                 seen.setdefault("collapsed_gauge", registry.get_sample_value("streamssl_learner_collapsed"))
             yield next(normal)
 
-    def echo(line: str) -> None:
-        if line.startswith("step"):
-            entropy.append((int(line.split()[1]), float(line.split("code entropy")[1].split()[0])))
-
-    daemon = Daemon(cfg, registry=registry, views=views(), echo=echo)
+    daemon = Daemon(cfg, registry=registry, views=views(), echo=lambda line: None)
     daemon.run()
     assert registry.get_sample_value("streamssl_learner_collapse_recoveries_total") == 1
     assert seen["eps"] == cfg.learner.epsilon * 0.5 and seen["collapsed_gauge"] == 1
     events = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    # the run's structured record of every progress interval (log_every_steps = 1), not the human line
+    entropy += [(e["step"], e["code_entropy"]) for e in events if "event" not in e]
     collapse = next(e for e in events if e.get("event") == "collapse")
     assert collapse["rolled_back_to"] < collapse["step"] and collapse["rolled_back_to"] <= 6
     assert seen["frozen_until"] == collapse["rolled_back_to"] + 6

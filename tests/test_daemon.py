@@ -270,10 +270,12 @@ def test_clear_errors_for_a_foreign_checkpoint_and_a_taken_port(tmp_path: Path) 
                                                            "--set", "run.max_steps=1", "--set", "metrics.port=-1"]
     assert runner.invoke(app, ["run", *base]).exit_code == 0
     result = runner.invoke(app, ["run", *base, "--set", "model.n_prototypes=32", "--set", "run.max_steps=2"])
-    assert result.exit_code == 1 and "does not fit the configured model" in result.stderr
+    # configuration errors: exit 2, one line
+    assert result.exit_code == 2 and "does not fit the configured run" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         result = runner.invoke(app, ["run", *base, "--set", f"metrics.port={port}", "--set", "run.max_steps=2"])
-    assert result.exit_code == 1 and "metrics.port=0" in result.stderr
+    assert result.exit_code == 2 and "metrics.port=0" in result.stderr and "holds the port" in result.stderr

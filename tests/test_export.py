@@ -13,6 +13,7 @@ from torch import nn
 
 from streamssl.checkpoint import CheckpointManager, rng_state
 from streamssl.config import resolve
+from streamssl.errors import UsageError
 from streamssl.eval import load_trunk
 from streamssl.export import export, torchvision_model
 from streamssl.learner import OnlineSwAV
@@ -95,5 +96,5 @@ def test_onnx_export_matches(tmp_path: Path, images: torch.Tensor) -> None:
 
 
 def test_unknown_format(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown format"):
+    with pytest.raises(UsageError, match="'tflite': unknown"):
         export(tmp_path / "x.pt", "tflite", tmp_path / "out")

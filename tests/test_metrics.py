@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from streamssl import __version__
 from streamssl import metrics as metrics_module
 from streamssl.metrics import BAD_REASONS, Metrics, MetricsServer
+from streamssl.reasons import BAD_REASONS as SAMPLE_REASONS
 
 STEP = {"n_images": 64, "loss": 7.5, "lr": 0.002, "code_entropy": 3.9, "n_prototypes_in_use": 57,
         "queue_fill": 0.25, "step_s": 0.4, "data_wait_s": 0.05, "sinkhorn_s": 0.002, "skipped": False}
@@ -118,10 +119,40 @@ def test_bad_samples_by_reason_with_unknown_reasons_as_other(registry: Collector
     assert registry.get_sample_value(name, {"reason": "cosmic_ray"}) is None
     reasons = {s.labels["reason"] for fam in registry.collect() if fam.name == "streamssl_samples_bad"
                for s in fam.samples if s.name == name}
-    assert reasons == set(BAD_REASONS)
-    for reason in ("empty", "not_image", "truncated", "unsupported", "decode_error", "shard_error", "refused_url"):
+    # one series per reason of the shared list (which the test below checks against the code), and "other"
+    assert reasons == {*SAMPLE_REASONS, "other"}
+    for reason in set(SAMPLE_REASONS) - {"corrupt", "too_large"}:
         metrics.bad_sample(reason)
-        assert value(registry, name, {"reason": reason}) == 1
+        assert value(registry, name, {"reason": reason}) == 1, reason
+
+
+def emitted_reasons() -> set[str]:
+    """Every literal reason the package passes to an on_bad-style callback, read from its source."""
+    import re
+    from pathlib import Path
+
+    import streamssl
+
+    call = re.compile(r"""\b(?:on_bad|_on_bad|_bad)\(\s*["']([a-z_]+)["']""")
+    default = re.compile(r"""\b(?:on_bad|_on_bad|_bad)\(\s*reason or ["']([a-z_]+)["']""")
+    found: set[str] = set()
+    for path in Path(streamssl.__file__).parent.rglob("*.py"):
+        text = path.read_text()
+        found |= set(call.findall(text)) | set(default.findall(text))
+    return found
+
+
+def test_every_reason_the_code_emits_is_a_label() -> None:
+    from streamssl.samples import check_image
+
+    found = emitted_reasons()
+    assert {"augment_error", "decode_error", "shard_error", "refused_url", "unsupported"} <= found
+    # reasons check_image returns (passed on as on_bad(reason)) are labels too
+    for data in (b"", b"not an image at all", b"\xff\xd8\xff\xe0" + b"\0" * 20, b"\x89PNG\r\n\x1a\n" + b"\0" * 30):
+        checked, reason = check_image(data, "jpg", max_pixels=1000)
+        assert checked is None and reason in SAMPLE_REASONS, (data[:8], reason)
+        found.add(reason)
+    assert found <= set(SAMPLE_REASONS) and set(BAD_REASONS) == {*SAMPLE_REASONS, "other"}
 
 
 def test_store_results(registry: CollectorRegistry, metrics: Metrics) -> None:
@@ -181,6 +212,8 @@ CALLS: list[tuple[str, Callable[[Metrics], Any], list[tuple[str, dict[str, str]]
         ("streamssl_checkpoint_last_write_timestamp_seconds", {})]),
     ("probe_accuracy", lambda m: m.probe_accuracy(0.5, seconds=2.5), [("streamssl_probe_accuracy_ratio", {}),
                                                                        ("streamssl_probe_duration_seconds", {})]),
+    ("checkpoint_failed", lambda m: m.checkpoint_failed(), [("streamssl_checkpoint_write_failures_total", {})]),
+    ("set_source_idle", lambda m: m.set_source_idle(12.5), [("streamssl_source_idle_seconds", {})]),
     ("collapse", lambda m: m.collapse(True), [("streamssl_learner_collapsed", {})]),
     ("collapse_recovered", lambda m: m.collapse_recovered(), [("streamssl_learner_collapse_recoveries_total", {})]),
 ]

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import streamssl.pack as pack_module
+from streamssl.errors import RuntimeFailure, UsageError
 from streamssl.pack import pack_shards
 from streamssl.samples import read_shard
 
@@ -76,13 +77,33 @@ def test_without_labels_and_determinism(image_folder: Path, tmp_path: Path) -> N
 
 
 def test_bad_arguments(image_folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="printf-style"):
+    with pytest.raises(UsageError, match="printf-style"):
         pack_shards(image_folder, str(tmp_path / "shard.tar"))
-    with pytest.raises(ValueError, match="not a directory"):
+    with pytest.raises(UsageError, match="same file for every shard"):
+        pack_shards(image_folder, str(tmp_path / "shard%.0s.tar"))
+    with pytest.raises(UsageError, match="no such folder"):
         pack_shards(tmp_path / "missing", str(tmp_path / "s-%d.tar"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert pack_shards(empty, str(tmp_path / "o" / "s-%d.tar")) == []
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(UsageError, match="no images to pack"):  # packing nothing is an error, not a quiet []
+        pack_shards(empty, str(tmp_path / "o" / "s-%d.tar"))
+    (empty / "fake.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(RuntimeFailure, match="none of the 1 images could be packed"):
+        pack_shards(empty, str(tmp_path / "o" / "s-%d.tar"))
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.tar"))
+
+
+def test_pack_cli_errors_are_one_line(image_folder: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from streamssl.cli import app
+
+    for args, code, says in (([str(tmp_path / "missing"), str(tmp_path / "s-%d.tar")], 2, "no such folder"),
+                             ([str(image_folder), str(tmp_path / "s.tar")], 2, "printf-style")):
+        result = CliRunner().invoke(app, ["shards", "pack", *args])
+        assert result.exit_code == code and says in result.stderr and result.stderr.startswith("error: ")
+        assert result.stderr.count("\n") == 1, result.stderr
 
 
 def test_shards_appear_only_complete(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,5 +147,5 @@ def test_max_side_scales_large_images_down_and_keeps_small_ones(tmp_path: Path) 
     scaled = np.asarray(Image.open(io.BytesIO(samples["wide"][1])), dtype=np.float32)
     assert np.abs(scaled.mean((0, 1)) - np.asarray(photo, dtype=np.float32).mean((0, 1))).max() < 3
 
-    with pytest.raises(ValueError, match="max_side"):
+    with pytest.raises(UsageError, match="max_side"):
         pack_shards(src, str(tmp_path / "bad" / "s-%06d.tar"), max_side=-1)

@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from streamssl.cli import app
+from streamssl.errors import UsageError
 from streamssl.report import draw, read_history
 
 
@@ -39,6 +40,9 @@ def test_cli_report_and_empty_history(tmp_path: Path) -> None:
     assert result.exit_code == 0 and len(result.stdout.split()) == 4
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "history.jsonl").write_text("")
-    with pytest.raises(ValueError, match="no records"):
+    with pytest.raises(UsageError, match="no records"):
         draw(tmp_path / "empty")
-    assert CliRunner().invoke(app, ["report", str(tmp_path / "missing")]).exit_code == 1
+    for folder, says in ((tmp_path / "missing", "no such folder"), (tmp_path / "pics", "no history.jsonl"),
+                         (tmp_path / "empty", "no records")):
+        result = CliRunner().invoke(app, ["report", str(folder)])
+        assert result.exit_code == 2 and says in result.stderr and "Traceback" not in result.stderr, result.stderr

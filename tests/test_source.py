@@ -23,11 +23,12 @@ import pytest
 import redis
 from PIL import Image
 
-from streamssl.config import SourceConfig
+from streamssl.config import ConfigError, SourceConfig
 from streamssl.samples import SampleStream
 from streamssl.source import (
     FolderSource,
     PatternSource,
+    RedisAuthError,
     RedisStreamSource,
     SourceError,
     check_url,
@@ -409,7 +410,14 @@ def test_ack_during_outage_is_retried_after_restart(redis_server, tmp_path: Path
 
 def test_refused_urls_from_redis_are_counted_and_acked(redis_server, tmp_path: Path) -> None:
     good = str(write_shard(tmp_path / "good.tar", 2))
-    publish_urls(redis_server.url, [f"pipe:touch {tmp_path / 'ran'}", "s3://bucket/x.tar", good])
+    hostile = [f"pipe:touch {tmp_path / 'ran'}", "s3://bucket/x.tar"]
+    for url in hostile:  # publish_urls refuses them too: a producer that skips it puts them there with XADD
+        with pytest.raises(SourceError):
+            publish_urls(redis_server.url, [url])
+    client = redis.Redis.from_url(redis_server.url)
+    for url in [*hostile, good]:
+        client.xadd("streamssl:shards", {"url": url})
+    client.close()
     conf = SourceConfig(urls=(redis_server.url,), poll_s=0.05, shuffle_buffer=0, consumer="c1")
     bad: Counter[str] = Counter()
     stream = SampleStream(make_source(conf), conf, on_bad=lambda r: bad.update([r]))
@@ -455,8 +463,15 @@ def test_redis_password_url(redis_server, tmp_path: Path) -> None:
     it = iter(source)
     assert next_url(it, source) == a
     source.close()
-    with pytest.raises(redis.AuthenticationError):
-        publish_urls(f"redis://:wrong@127.0.0.1:{redis_server.port}/0", [a])
+    for bad_url in (f"redis://:wrong@127.0.0.1:{redis_server.port}/0", f"redis://127.0.0.1:{redis_server.port}/0"):
+        with pytest.raises(RedisAuthError, match="refused our credentials") as err:
+            publish_urls(bad_url, [a])
+        assert err.value.exit_code == 2 and "wrong" not in str(err.value)
+        # a learner with a wrong or missing password stops with the reason instead of retrying forever
+        source = RedisStreamSource(bad_url, consumer="c2", poll_s=0.05)
+        with pytest.raises(RedisAuthError, match="check the password"):
+            within(10, lambda source=source: next(iter(source)), on_timeout=source.close)
+        source.close()
 
 
 def test_redis_client_urls() -> None:
@@ -481,10 +496,13 @@ def test_make_source_chooses_the_kind(tmp_path: Path) -> None:
     shards = touch_all(tmp_path / "s", ["0.tar", "1.tar"])
     pattern = make_source(SourceConfig(urls=(str(tmp_path / "s" / "{0..1}.tar"),), cycle=False))
     assert isinstance(pattern, PatternSource) and list(pattern) == shards
-    with pytest.raises(SourceError, match=re.escape("ftp://host/a.tar")):
-        make_source(SourceConfig(urls=("ftp://host/a.tar",)))
-    with pytest.raises(SourceError, match="pipe:"):
-        make_source(SourceConfig(urls=("pipe:cat a.tar",)))
+    # refused schemes stop the configuration itself, before any source is made
+    with pytest.raises(ConfigError, match=re.escape("ftp://host/a.tar")):
+        SourceConfig(urls=("ftp://host/a.tar",))
+    with pytest.raises(ConfigError, match="pipe:"):
+        SourceConfig(urls=("pipe:cat a.tar",))
+    with pytest.raises(ConfigError, match=r"(?i)port out of range"):
+        SourceConfig(urls=("redis://127.0.0.1:99999/0",))
     assert isinstance(make_source(SourceConfig(urls=("pipe:cat a.tar",), allow_pipe=True)), PatternSource)
     with pytest.raises(SourceError, match="only source"):
         make_source(SourceConfig(urls=("redis://127.0.0.1:1/0", shards[0])))
