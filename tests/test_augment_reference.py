@@ -206,3 +206,22 @@ def test_bench_torchvision_on_shards(tmp_path) -> None:
     assert result["backend"] == "torchvision" and result["batches"] == 2 and result["batch_size"] == 4
     assert result["images"] == 8 and result["bad"] == {}  # 2 timed batches of 4, after the warm-up batch
     assert result["images_per_s"] > 0 and result["views_per_s"] == pytest.approx(3 * result["images_per_s"], 0.01)
+
+
+def test_the_twin_never_touches_the_global_rng_from_its_thread() -> None:
+    """The feeder thread runs the twin beside training: the learner's draws from the global RNG must be the
+    ones it would make alone."""
+    import threading
+
+    images = jpegs(8)
+    twin = TorchvisionMultiCrop(SMALL, 8, seed=3)
+    torch.manual_seed(123)
+    expected = torch.rand(200_000).tolist()
+    torch.manual_seed(123)
+    worker = threading.Thread(target=lambda: [twin(images) for _ in range(3)])
+    got: list[float] = []
+    worker.start()
+    while worker.is_alive() and len(got) < len(expected):
+        got.append(float(torch.rand(())))
+    worker.join()
+    assert len(got) > 10 and got == expected[:len(got)]

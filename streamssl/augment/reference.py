@@ -23,6 +23,7 @@ Two ways to run it:
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,38 +51,85 @@ def decode_rgb(data: bytes) -> torch.Tensor | None:
         return None
 
 
-def view_transform(spec: MultiCropSpec, group: CropGroup) -> v2.Compose:
-    """The torchvision v2 transform of one view of ``group``: (3, H, W) uint8 -> (3, S, S) float32."""
-    blur_k = spec.blur_kernel(group.size)
-    steps: list[Any] = [
-        v2.RandomResizedCrop(group.size, scale=(group.min_scale, group.max_scale), ratio=spec.aspect_ratio,
-                             antialias=True),
-        v2.RandomHorizontalFlip(p=spec.flip_p),
-    ]
-    if spec.jitter_p > 0:
-        steps.append(v2.RandomApply([v2.ColorJitter(brightness=spec.brightness, contrast=spec.contrast,
-                                                    saturation=spec.saturation, hue=spec.hue)],
-                                    p=spec.jitter_p))
-    if spec.grayscale_p > 0:
-        steps.append(v2.RandomGrayscale(p=spec.grayscale_p))
-    if spec.blur_p > 0:
-        steps.append(v2.RandomApply([v2.GaussianBlur(blur_k, sigma=spec.blur_sigma)], p=spec.blur_p))
-    if spec.solarize_p > 0:
-        steps.append(v2.RandomSolarize(threshold=spec.solarize_threshold, p=spec.solarize_p))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(spec.mean), std=list(spec.std))]
-    return v2.Compose(steps)
+class ViewTransform:
+    """One view of ``group``: (3, H, W) uint8 -> (3, S, S) float32, the torchvision v2 operations in SwAV's
+    order with their parameters drawn from a given ``torch.Generator``.
+
+    torchvision's random transforms draw from the process-global RNG; the twin runs in the daemon's feeder
+    thread beside training, so it draws from a generator of its own instead and the learner's RNG is never
+    touched. The draws follow torchvision's (``RandomResizedCrop``'s ten tries and centre-crop fallback,
+    ``ColorJitter``'s random order of its four factors, ``RandomApply``'s probabilities).
+    """
+
+    def __init__(self, spec: MultiCropSpec, group: CropGroup) -> None:
+        self.spec = spec
+        self.group = group
+        self.blur_k = spec.blur_kernel(group.size)
+        self.log_ratio = (math.log(spec.aspect_ratio[0]), math.log(spec.aspect_ratio[1]))
+
+    @staticmethod
+    def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+    def _crop(self, h: int, w: int, g: torch.Generator) -> tuple[int, int, int, int]:
+        area, (lo, hi) = h * w, (self.group.min_scale, self.group.max_scale)
+        for _ in range(10):
+            target = area * self._uniform(g, lo, hi)
+            ratio = math.exp(self._uniform(g, *self.log_ratio))
+            cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                top = int(torch.randint(0, h - ch + 1, (), generator=g))
+                left = int(torch.randint(0, w - cw + 1, (), generator=g))
+                return top, left, ch, cw
+        in_ratio, (rmin, rmax) = w / h, self.spec.aspect_ratio  # fallback: the central crop
+        if in_ratio < rmin:
+            cw, ch = w, round(w / rmin)
+        elif in_ratio > rmax:
+            ch, cw = h, round(h * rmax)
+        else:
+            cw, ch = w, h
+        return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+    def __call__(self, image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        spec, F, size = self.spec, v2.functional, self.group.size
+        top, left, ch, cw = self._crop(image.shape[-2], image.shape[-1], g)
+        x = F.resized_crop(image, top, left, ch, cw, [size, size], antialias=True)
+        if float(torch.rand((), generator=g)) < spec.flip_p:
+            x = F.horizontal_flip(x)
+        if spec.jitter_p > 0 and float(torch.rand((), generator=g)) < spec.jitter_p:
+            factors = {0: self._uniform(g, max(0.0, 1 - spec.brightness), 1 + spec.brightness),
+                       1: self._uniform(g, max(0.0, 1 - spec.contrast), 1 + spec.contrast),
+                       2: self._uniform(g, max(0.0, 1 - spec.saturation), 1 + spec.saturation),
+                       3: self._uniform(g, -spec.hue, spec.hue)}
+            ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+            for k in torch.randperm(4, generator=g).tolist():
+                x = ops[k](x, factors[k])
+        if spec.grayscale_p > 0 and float(torch.rand((), generator=g)) < spec.grayscale_p:
+            x = F.rgb_to_grayscale(x, num_output_channels=3)
+        if spec.blur_p > 0 and float(torch.rand((), generator=g)) < spec.blur_p:
+            sigma = self._uniform(g, *spec.blur_sigma)
+            x = F.gaussian_blur(x, [self.blur_k, self.blur_k], [sigma, sigma])
+        if spec.solarize_p > 0 and float(torch.rand((), generator=g)) < spec.solarize_p:
+            x = F.solarize(x, spec.solarize_threshold)
+        x = F.to_dtype(x, torch.float32, scale=True)
+        return F.normalize(x, mean=list(spec.mean), std=list(spec.std))
 
 
 class MultiCropTransform:
-    """All V views of one decoded image: (3, H, W) uint8 -> V tensors (3, S_v, S_v), in spec order."""
+    """All V views of one decoded image: (3, H, W) uint8 -> V tensors (3, S_v, S_v), in spec order.
+
+    ``generator``: where the random parameters come from; None: torch's default generator (right in
+    DataLoader worker processes, which torch seeds one by one; wrong in a thread beside training).
+    """
 
     def __init__(self, spec: MultiCropSpec) -> None:
         self.spec = spec
-        per_group = {group: view_transform(spec, group) for group in spec.groups}
+        per_group = {group: ViewTransform(spec, group) for group in spec.groups}
         self.transforms = [per_group[group] for group in spec.view_groups]
 
-    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
-        return [transform(image) for transform in self.transforms]
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        g = generator if generator is not None else torch.default_generator
+        return [transform(image, g) for transform in self.transforms]
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
@@ -122,7 +170,7 @@ class TorchvisionMultiCrop:
 
     Same call as ``DaliMultiCrop``: ``(batch) -> (views, kept)`` with V tensors (B', 3, S_v, S_v) float32
     and the indices of the B' inputs that decoded; each undecodable input is counted through
-    ``on_bad("decode_error")``. ``seed`` seeds a private RNG stream, so the global torch RNG is left alone.
+    ``on_bad("decode_error")``. ``seed`` seeds a generator of its own: the global torch RNG is never touched.
     ``device`` only says where the views are moved to; the work is on CPU.
     """
 
@@ -135,17 +183,13 @@ class TorchvisionMultiCrop:
         self.device = torch.device(device)
         self.on_bad = on_bad
         self.transform = MultiCropTransform(spec)
-        self._rng_state = torch.Generator().manual_seed(seed).get_state()
+        self.generator = torch.Generator().manual_seed(seed)  # its own: the global RNG is the learner's
 
     def __call__(self, batch: Sequence[Any]) -> tuple[list[torch.Tensor], list[int]]:
         items = []
-        # torchvision's transforms draw from the global torch RNG: run them on our own stream of it.
-        with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self._rng_state)
-            for i, item in enumerate(batch):
-                image = decode_rgb(encoded_bytes(item))
-                items.append((i, None if image is None else self.transform(image)))
-            self._rng_state = torch.get_rng_state()
+        for i, item in enumerate(batch):
+            image = decode_rgb(encoded_bytes(item))
+            items.append((i, None if image is None else self.transform(image, self.generator)))
         views, kept, dropped = collate_views(items)
         for _ in dropped:
             if self.on_bad is not None:
@@ -155,5 +199,5 @@ class TorchvisionMultiCrop:
         return [v.to(self.device) for v in views], kept
 
 
-__all__ = ["MultiCropDataset", "MultiCropTransform", "TorchvisionMultiCrop", "collate_views", "decode_rgb",
-           "view_transform"]
+__all__ = ["MultiCropDataset", "MultiCropTransform", "TorchvisionMultiCrop", "ViewTransform", "collate_views",
+           "decode_rgb"]
