@@ -432,15 +432,20 @@ def _merge_layer(merged: dict[str, dict[str, Any]], layer: Mapping[str, Any], or
 
 
 def find_profile(profile: str | os.PathLike[str]) -> Path:
-    """A profile path, or a name looked up in ./pipelines and in the pipelines/ shipped beside the package."""
+    """A profile path, or a name looked up in ./pipelines, then among the profiles streamssl ships: inside the
+    installed package (streamssl/pipelines/, from a wheel) or beside it (pipelines/ of a source checkout)."""
     path = Path(profile)
     if path.is_file():
         return path
     name = path.name if path.suffix == ".toml" else f"{path.name}.toml"
-    for folder in (Path.cwd() / "pipelines", Path(__file__).resolve().parent.parent / "pipelines"):
+    package = Path(__file__).resolve().parent
+    folders = (Path.cwd() / "pipelines", package / "pipelines", package.parent / "pipelines")
+    for folder in folders:
         if (folder / name).is_file():
             return folder / name
-    raise ConfigError(f"profile {str(profile)!r}: no such file, and no pipelines/{name}")
+    shipped = sorted({p.stem for folder in folders[1:] if folder.is_dir() for p in folder.glob("*.toml")})
+    raise ConfigError(f"profile {str(profile)!r}: no such file, and no pipelines/{name}; the shipped profiles: "
+                      f"{', '.join(shipped) or 'none found'}")
 
 
 def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
