@@ -21,7 +21,8 @@ log = logging.getLogger("streamssl.cli")
 
 
 # The CLI framework's own exits (usage errors, --help, typer.Exit) pass through untouched.
-_FRAMEWORK = tuple({typer.Exit, typer.Abort, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
+_FRAMEWORK = tuple({typer.Exit, typer.Abort,
+                    *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
 
 
 def _debug(ctx: typer.Context) -> bool:
