@@ -37,7 +37,9 @@ def test_loss_drops_well_below_log_k_without_collapse() -> None:
     assert min(s.code_entropy for s in stats) > math.log(4)
     assert min(s.n_prototypes_in_use for s in stats) >= 4
     assert not any(s.skipped for s in stats) and stats[-1].step == 60
-    assert all(s.total_s >= s.trunk_s + s.swav_s for s in stats)
+    # the timed parts are the step: none of its work escapes the split an operator reads
+    parts = [s.trunk_s + s.swav_s + s.optim_s for s in stats[5:]]
+    assert sum(parts) >= 0.7 * sum(s.total_s for s in stats[5:])
 
 
 def test_frozen_prototypes_do_not_move_then_do() -> None:
@@ -107,9 +109,17 @@ def test_bf16_and_channels_last_step() -> None:
     model = ModelConfig(arch="resnet18", hidden_dim=64, out_dim=16, n_prototypes=16, channels_last=True)
     learner = OnlineSwAV(model, LearnerConfig(batch_size=8, optimizer="sgd", base_lr=0.1, bf16=True))
     learner.use_bf16 = True  # exercise autocast even on a CPU that only emulates bfloat16
-    stats = learner.step(next(stream(8)))
+    seen: list[torch.dtype] = []
+    hook = learner.model.trunk.conv1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    batch = next(stream(8))
+    stats = learner.step(batch)
     assert not stats.skipped and math.isfinite(stats.loss)
-    assert learner.model.prototypes.weight.dtype == torch.float32
+    assert set(seen) == {torch.bfloat16}  # the convolutions ran in bfloat16
+    assert learner.model.trunk.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    learner.use_bf16, seen[:] = False, []
+    learner.step(batch)
+    assert set(seen) == {torch.float32}  # and the switch is what decides it
+    hook.remove()
 
 
 @pytest.mark.parametrize("native", [False, True])
