@@ -62,6 +62,8 @@ def test_run_trains_on_the_demo_stream_and_stops_at_max_steps(tmp_path: Path) ->
                                  "--set", f"checkpoint.dir={tmp_path}", "--set", "metrics.port=0"])
     assert result.exit_code == 0, result.output
     assert "embedded demo images" in result.stdout and "Ctrl-C" in result.stdout and "/metrics" in result.stdout
+    # the status hint names this run's folder, whatever --set chose it
+    assert f"streamssl status --config cpu-small --set checkpoint.dir={tmp_path}" in result.stdout
     progress = [line for line in result.stdout.splitlines() if "img/s" in line]
     assert len(progress) == 2 and "code entropy" in progress[0] and "skipped" in progress[0]
     records = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
