@@ -15,10 +15,7 @@ from typer.core import TyperGroup
 
 from streamssl import __version__
 from streamssl.config import DEBUG_ENV, DEFAULT_PROFILE, resolve
-from streamssl.errors import UsageError, exit_code
-
-log = logging.getLogger("streamssl.cli")
-
+from streamssl.errors import StreamsslError, UsageError, exit_code
 
 # The CLI framework's own exits (usage errors, --help, typer.Exit) pass through untouched.
 _FRAMEWORK = tuple({typer.Exit, typer.Abort,
@@ -32,7 +29,7 @@ def _debug(ctx: typer.Context) -> bool:
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, OSError | UsageError) or getattr(exc, "exit_code", None) is not None:
+    if isinstance(exc, OSError | StreamsslError):  # errors raised on purpose, and the OS's: their text suffices
         return text
     return f"{type(exc).__name__}: {text} (rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
 
@@ -284,10 +281,7 @@ def export_(checkpoint: Annotated[str, typer.Option(help="A streamssl checkpoint
             fmt: Annotated[str, typer.Option("--format", help="torchvision (state dict for a plain torchvision "
                                              "ResNet), torchscript or onnx.")] = "torchvision") -> None:
     """Export the trained trunk for use outside streamssl."""
-    from streamssl.export import FORMATS, export
-
-    if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: unknown; one of {', '.join(FORMATS)}")
+    from streamssl.export import export
 
     meta = export(checkpoint, fmt, out)
     typer.echo(json.dumps({"out": str(out), **meta}))

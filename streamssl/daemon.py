@@ -303,14 +303,13 @@ class Daemon:
         state = self.checkpoints.load(map_location="cpu")
         if state is None:
             return False
-        saved = state.get("config") or {}
-        self._check_fits(state["path"], saved)
+        same_source = self._check_fits(state["path"], state.get("config") or {})
         try:
             self.learner.load_state_dict(state["learner"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(self._does_not_fit(state["path"], str(exc))) from None
         set_rng_state(state["rng"])
-        self.position = state.get("position") if self._same_source(saved) else None
+        self.position = state.get("position") if same_source else None
         self.images = int(state.get("images", 0))
         self._last_ckpt_step = self.learner.step_count
         self._last_ckpt_path = state["path"]
@@ -324,29 +323,28 @@ class Daemon:
                 "it was written with (stored inside it: `streamssl config show` of that file's config), or start "
                 "fresh with another checkpoint.dir or checkpoint.resume=false")
 
-    def _check_fits(self, path: str, saved: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose optimizer, or whose stream (unless allowed), differs from this run's."""
+    def _check_fits(self, path: str, saved: dict[str, Any]) -> bool:
+        """Refuse a checkpoint whose optimizer, or whose stream (unless allowed), differs from this run's.
+        Returns whether it was written on this run's stream (its position then applies)."""
         optimizer = (saved.get("learner") or {}).get("optimizer")
         if optimizer is not None and optimizer != self.cfg.learner.optimizer:
             raise CheckpointError(self._does_not_fit(path, f"it was trained with learner.optimizer={optimizer}, "
                                                            f"this run asks for {self.cfg.learner.optimizer}"))
-        if not self._same_source(saved):
-            ours = [redact(u) for u in self.cfg.source.urls]
-            theirs = [redact(u) for u in (saved.get("source") or {}).get("urls", [])]
-            if not self.cfg.checkpoint.allow_new_source:
-                raise CheckpointError(
-                    f"checkpoint.dir {self.cfg.checkpoint.dir!r} holds a run on source.urls {theirs or '(the demo)'}, "
-                    f"but this run reads {ours or '(the demo)'}: give this run a folder of its own (--set "
-                    "checkpoint.dir=runs/NAME), or set checkpoint.allow_new_source=true to continue that model on "
-                    "this stream from its start")
-            log.warning("checkpoint %s was written on source.urls %s; continuing its model on %s from the stream's "
-                        "start (checkpoint.allow_new_source)", path, theirs, ours)
-
-    def _same_source(self, saved: dict[str, Any]) -> bool:
         if "source" not in saved:  # a checkpoint without a configuration (tests, tools): nothing to compare
             return True
+        ours = [redact(u) for u in self.cfg.source.urls]
         theirs = [redact(u) for u in saved["source"].get("urls", [])]
-        return theirs == [redact(u) for u in self.cfg.source.urls]
+        if theirs == ours:
+            return True
+        if not self.cfg.checkpoint.allow_new_source:
+            raise CheckpointError(
+                f"checkpoint.dir {self.cfg.checkpoint.dir!r} holds a run on source.urls {theirs or '(the demo)'}, "
+                f"but this run reads {ours or '(the demo)'}: give this run a folder of its own (--set "
+                "checkpoint.dir=runs/NAME), or set checkpoint.allow_new_source=true to continue that model on "
+                "this stream from its start")
+        log.warning("checkpoint %s was written on source.urls %s; continuing its model on %s from the stream's "
+                    "start (checkpoint.allow_new_source)", path, theirs, ours)
+        return False
 
     def checkpoint(self) -> str | None:
         """Write a checkpoint of everything, then ack the shards it covers. None when the write failed: that

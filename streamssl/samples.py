@@ -565,25 +565,6 @@ class SampleStream:
                       self.backoff.failures(shard.url), delay)
         self._maybe_done(shard)
 
-    def _backing_off(self, url: str) -> Iterator[None] | None:
-        """For a URL still backing off after failures: None to skip it this time, or (when every URL met lately
-        is failing) a wait until it is due that yields idle ticks, after which it is read."""
-        wait = self.backoff.wait_s(url)
-        if wait <= 0:
-            return iter(())
-        self._misses += 1
-        if self._misses < self.backoff.n_failing:
-            return None
-
-        def waiting() -> Iterator[None]:
-            self._all_failing_log.warning(
-                "all %d shard URLs met lately are failing (%s, ...); next try in %.0f s, backing off up to %.0f s",
-                self.backoff.n_failing, url, wait, self.backoff.max_s)
-            yield None  # the shuffle buffer drains while we wait
-            self._closed.wait(wait)
-
-        return waiting()
-
     def _entries(self) -> Iterator[tuple[_OpenShard, Sample] | None]:
         restored, self._restored = self._restored, []
         for shard in restored:
@@ -600,16 +581,21 @@ class SampleStream:
                 yield None
                 continue
             self.idle_since, self._next_idle_log = None, IDLE_LOG_FIRST_S
-            waiting = self._backing_off(url)
             shard = _OpenShard(url)
             self._open.append(shard)
-            if waiting is None:  # skipped while it backs off: settled without a read, like a shard that failed
-                shard.eof = True
-                self._maybe_done(shard)
-                continue
-            yield from waiting
-            if self._closed.is_set():
-                return
+            wait = self.backoff.wait_s(url)
+            if wait > 0:  # it failed lately
+                self._misses += 1
+                if self._misses < self.backoff.n_failing:  # others may work: skip it, settled like a failed shard
+                    shard.eof = True
+                    self._maybe_done(shard)
+                    continue
+                self._all_failing_log.warning(
+                    "all %d shard URLs met lately are failing (%s, ...); next try in %.0f s, backing off up to "
+                    "%.0f s", self.backoff.n_failing, url, wait, self.backoff.max_s)
+                yield None  # the shuffle buffer drains while we wait
+                if self._closed.wait(wait):
+                    return
             yield from self._read(shard)
 
     def _note_idle(self) -> None:

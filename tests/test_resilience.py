@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import signal
@@ -161,9 +162,7 @@ def test_collapse_rollback_then_checkpoint_then_restart_resumes_after_the_rollba
     def stream():
         for batch in views():
             if daemon.learner.step_count == 2 and 2 not in state_at:
-                state_at[2] = daemon.learner.state_dict()
-                import copy
-                state_at[2] = copy.deepcopy(state_at[2])
+                state_at[2] = copy.deepcopy(daemon.learner.state_dict())
             yield batch
 
     daemon._views = stream()
