@@ -53,7 +53,7 @@ def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = N
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """Where shard URLs come from (source.py) and how their members become samples (samples.py)."""
+    """Where shard URLs come from (source.py) and how their members become samples (shards.py, samples.py)."""
 
     urls: tuple[str, ...] = _f((), "Shard sources: a glob or brace pattern (shards/{000000..000999}.tar), "
                                "a folder to follow for new *.tar, http(s) URLs, or redis://host:port/db to "

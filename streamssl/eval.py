@@ -101,7 +101,7 @@ def load_image_folder(folder: str | Path) -> LabeledImages:
 
 
 def load_shards(pattern: str) -> LabeledImages:
-    from streamssl.samples import read_shard
+    from streamssl.shards import read_shard
     from streamssl.source import expand_pattern
 
     images, labels = [], []

@@ -1,7 +1,7 @@
 """Pack a folder of images into WebDataset shards: how a stream's input is made, outside the flow.
 
 ``pack_shards`` walks a folder (recursively, in sorted order so that the same folder gives the same
-shards), keeps the images the stream accepts (``samples.check_image``: jpg, jpeg, png, webp; CMYK, 16-bit
+shards), keeps the images the stream accepts (``images.check_image``: jpg, jpeg, png, webp; CMYK, 16-bit
 and other awkward modes transcoded once to 8-bit RGB PNG), and writes them with webdataset's
 ``TarWriter``, ``per_shard`` samples a shard. Each shard is written under a hidden temporary name beside
 its final one and renamed into place (``os.replace``) once complete, so a reader, a followed folder
@@ -34,7 +34,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from streamssl.errors import RuntimeFailure, UsageError
-from streamssl.samples import IMAGE_EXTS, check_image
+from streamssl.images import IMAGE_EXTS, check_image
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
 def downscale(data: bytes, ext: str, max_side: int) -> tuple[bytes, str]:
     """``data`` scaled so that its longer side is at most ``max_side`` (Lanczos, aspect kept), re-encoded as
     JPEG quality 95 when it was a JPEG and as PNG otherwise; ``(data, ext)`` unchanged when already small
-    enough. ``data`` must have passed ``samples.check_image`` (8-bit RGB, L or RGBA)."""
+    enough. ``data`` must have passed ``images.check_image`` (8-bit RGB, L or RGBA)."""
     with Image.open(io.BytesIO(data)) as im:
         if max(im.size) <= max_side:
             return data, ext
@@ -118,7 +118,7 @@ def pack_shards(src_dir: str | os.PathLike[str], out_pattern: str, *, per_shard:
             write ``classes.json`` beside the shards. Images directly in ``src_dir`` have no class and are
             skipped.
         on_skip: called with (path, reason) for each image skipped: a reason from
-            ``samples.BAD_REASONS``, ``"unreadable"`` or ``"no_class"``. Skips are also logged.
+            ``reasons.BAD_REASONS``, ``"unreadable"`` or ``"no_class"``. Skips are also logged.
 
     Returns:
         The shard paths written, in order.

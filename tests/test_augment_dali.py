@@ -15,7 +15,7 @@ from streamssl.augment.bench import synthetic_image
 from streamssl.augment.reference import TorchvisionMultiCrop
 from streamssl.augment.spec import CropGroup, MultiCropSpec
 from streamssl.config import AugmentConfig
-from streamssl.samples import Sample
+from streamssl.shards import Sample
 from tests.test_augment_reference import corrupt_huffman, truncated
 
 pytestmark = pytest.mark.dali

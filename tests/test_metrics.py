@@ -143,7 +143,7 @@ def emitted_reasons() -> set[str]:
 
 
 def test_every_reason_the_code_emits_is_a_label() -> None:
-    from streamssl.samples import check_image
+    from streamssl.images import check_image
 
     found = emitted_reasons()
     assert {"augment_error", "decode_error", "shard_error", "refused_url", "unsupported"} <= found

@@ -13,7 +13,7 @@ from PIL import Image
 import streamssl.pack as pack_module
 from streamssl.errors import RuntimeFailure, UsageError
 from streamssl.pack import pack_shards
-from streamssl.samples import read_shard
+from streamssl.shards import read_shard
 
 
 def save(path: Path, colour: tuple[int, int, int], fmt: str = "JPEG", mode: str = "RGB") -> bytes:

@@ -24,7 +24,10 @@ import pytest
 from PIL import Image
 
 from streamssl.config import SourceConfig
-from streamssl.samples import BAD_REASONS, Sample, SampleStream, check_image, read_shard, shuffled
+from streamssl.images import check_image
+from streamssl.reasons import BAD_REASONS
+from streamssl.samples import SampleStream, shuffled
+from streamssl.shards import Sample, read_shard
 from streamssl.source import PatternSource
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -1,7 +1,7 @@
 """SwAV multi-crop views from encoded images: DALI (dali.py) or its torchvision twin (reference.py).
 
 The augment stage of the flow (samples -> augment -> learner): a batch of encoded images (bytes, or the
-``Sample`` objects of samples.py) goes in, V view batches ``[(B', 3, S_v, S_v)] * V`` of normalised float32
+``Sample`` objects of shards.py) goes in, V view batches ``[(B', 3, S_v, S_v)] * V`` of normalised float32
 come out, in ``MultiCropSpec.view_sizes`` order, with the indices of the B' <= B inputs they come from
 (undecodable inputs are dropped and counted through ``on_bad``; the caller refills its batch later).
 

@@ -1,6 +1,6 @@
 """Throughput of the augment stage alone: images/s and views/s of a backend on real shards.
 
-Reads encoded images from WebDataset tar shards (samples.py's ``read_shard`` when it is importable, else a
+Reads encoded images from WebDataset tar shards (shards.py's ``read_shard`` when it is importable, else a
 minimal reader: webdataset's ``tarfile_to_samples`` over the brace pattern), holds them in memory so that only the
 multi-crop is timed, then runs ``batches`` batches through the chosen backend the way it runs in practice:
 DALI through ``DaliMultiCrop`` calls, torchvision through a ``DataLoader`` with ``cfg.n_threads`` worker
@@ -76,7 +76,7 @@ def write_shards(folder: str | Path, n_images: int = 600, per_shard: int = 100, 
 def read_images(shards: str, limit: int, on_bad: Callable[[str], None] | None = None) -> list[bytes]:
     """Up to ``limit`` encoded images from the shards matching the brace pattern ``shards``.
 
-    Read through samples.py (its checks, transcoding and bad-sample reasons, counted via ``on_bad``) when it
+    Read through shards.py (its checks, transcoding and bad-sample reasons, counted via ``on_bad``) when it
     is importable, else through webdataset's ``tarfile_to_samples``.
     """
     images: list[bytes] = []
@@ -92,7 +92,7 @@ def _iter_encoded(shards: str, on_bad: Callable[[str], None]) -> Iterator[bytes]
 
     urls = [entry["url"] for entry in wds.SimpleShardList(shards)]
     try:
-        from streamssl.samples import read_shard
+        from streamssl.shards import read_shard
     except ImportError:  # the minimal reader
         for sample in wds.tarfile_to_samples()(iter({"url": url} for url in urls)):
             for ext in IMAGE_EXTS:
