@@ -275,13 +275,19 @@ def test_the_tls_files_of_the_store_serve_the_ingest_stream() -> None:
 @pytest.mark.slow
 def test_second_ctrl_c_exits_130_without_a_checkpoint_and_leaves_the_last_one(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "streamssl", "run", "--config", "cpu-small", "--set", f"checkpoint.dir={run_dir}",
+    # Every checkpoint write takes 0.5 s longer (a large model on a slow disk), so the second signal, 0.15 s
+    # after the first, always lands while the daemon is still stopping, as it does for a real run.
+    slow_saves = ("import time, streamssl.checkpoint as c; save = c.CheckpointManager.save; "
+                  "c.CheckpointManager.save = lambda self, *a, **k: (time.sleep(0.5), save(self, *a, **k))[1]; "
+                  "from streamssl.cli import main; main()")
+    cmd = [sys.executable, "-c", slow_saves, "run", "--config", "cpu-small", "--set", f"checkpoint.dir={run_dir}",
            "--set", "metrics.port=-1", "--set", "learner.batch_size=8", "--set", "checkpoint.every_steps=2",
            "--set", "run.log_every_steps=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not CheckpointManager(run_dir).paths() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # past the checkpoint of step 2: stopping now has a step left to checkpoint
+        if line.startswith("step") and int(line.split()[1]) >= 3:
+            break
     assert CheckpointManager(run_dir).paths(), "no first checkpoint"
     proc.send_signal(signal.SIGINT)
     time.sleep(0.15)
