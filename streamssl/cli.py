@@ -235,7 +235,7 @@ def ingest(urls: Annotated[list[str], typer.Argument(help="Shard URLs to announc
     """Add shard URLs to the Redis ingest stream that learners consume (at least once). Each URL is checked
     first: an allowed scheme, and an existing file for a local path. TLS files: the profile's store.tls_*."""
     from streamssl.redis_client import TLSFiles
-    from streamssl.source import publish_urls
+    from streamssl.redis_source import publish_urls
 
     cfg = _config(profile, overrides)
     for entry in publish_urls(store, urls, stream_key=stream_key, tls=TLSFiles.of(cfg.store),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from urllib.parse import urlparse, urlsplit, urlunsplit
+from urllib.request import url2pathname
 
 from streamssl.errors import UsageError
 
@@ -59,6 +60,11 @@ def check_redis_url(url: str, what: str) -> str:
     return url
 
 
+def local_path(url: str) -> str:
+    """The local path of a plain path or ``file://`` URL (as webdataset's opener reads it)."""
+    return url2pathname(urlparse(url).path) if url.lower().startswith("file:") else url
+
+
 def redact(url: str) -> str:
     """The URL without its password: safe for logs, errors and ``streamssl status``."""
     parts = urlsplit(url)
@@ -73,4 +79,4 @@ def redact(url: str) -> str:
 
 
 __all__ = ["REDIS_SCHEMES", "SHARD_SCHEMES", "SourceError", "check_redis_url", "check_url", "is_redis_url",
-           "redact"]
+           "local_path", "redact"]

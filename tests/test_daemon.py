@@ -29,7 +29,7 @@ from streamssl.checkpoint import CheckpointManager
 from streamssl.config import resolve
 from streamssl.daemon import Daemon
 from streamssl.pack import pack_shards
-from streamssl.source import publish_urls
+from streamssl.redis_source import publish_urls
 
 TINY = [
     "model.arch=resnet18", "model.hidden_dim=32", "model.out_dim=16", "model.n_prototypes=16",

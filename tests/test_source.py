@@ -24,19 +24,16 @@ import redis
 from PIL import Image
 
 from streamssl.config import ConfigError, SourceConfig
+from streamssl.redis_source import RedisAuthError, RedisStreamSource, publish_urls, redis_client
 from streamssl.samples import SampleStream
 from streamssl.source import (
     FolderSource,
     PatternSource,
-    RedisAuthError,
-    RedisStreamSource,
     SourceError,
     check_url,
     expand_pattern,
     make_source,
     open_shard,
-    publish_urls,
-    redis_client,
 )
 
 T = TypeVar("T")
