@@ -2,12 +2,13 @@
 
 Wires the stages of DESIGN.md:
 
-    source -> samples -> augment      (a feeder thread: full batches of views, each tagged with the stream
+    source -> samples -> augment      (feeder.py's thread: full batches of views, each tagged with the stream
                                        position after it, prefetched so the learner never waits when the
                                        data path is faster than the model)
     learner                           (the main thread: one SwAV step per batch)
     store, checkpoint, metrics        (cadences owned here: prototypes every N steps, checkpoints every N
-                                       steps or T seconds, heartbeats, one progress line per interval)
+                                       steps or T seconds, heartbeats, one progress line per interval:
+                                       progress.py; whether a checkpoint fits this run: resume.py)
 
 Signals: SIGTERM/SIGINT finish the current step, write a checkpoint and the prototypes, ack the shards the
 checkpoint covers, and exit 0; a second signal exits at once. The position saved with a checkpoint is the one
@@ -17,8 +18,6 @@ after the last *trained* batch, so prefetched batches are read again after a res
 from __future__ import annotations
 
 import copy
-import errno
-import json
 import logging
 import math
 import os
@@ -41,25 +40,19 @@ from streamssl.augment import make_multicrop
 from streamssl.checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError, rng_state, set_rng_state
 from streamssl.collapse import Action, CollapseMonitor, max_code_entropy
 from streamssl.config import Config
-from streamssl.errors import RuntimeFailure, StreamsslError, UsageError
+from streamssl.errors import RuntimeFailure, StreamsslError
+from streamssl.feeder import END, Batch, Feeder
 from streamssl.learner import OnlineSwAV, StepStats, pick_device
 from streamssl.metrics import Metrics, MetricsServer
 from streamssl.probe import LiveProbe
+from streamssl.progress import History, format_progress
 from streamssl.redis_client import TLSFiles
+from streamssl.resume import check_fits, does_not_fit
 from streamssl.samples import SampleStream
 from streamssl.source import make_source
 from streamssl.store import BackgroundWriter, open_store
-from streamssl.urls import redact
 
 log = logging.getLogger("streamssl.daemon")
-
-
-def format_progress(stats: StepStats, images_per_s: float, wait_share: float, n_prototypes: int,
-                    skipped: int = 0) -> str:
-    """One concise progress line."""
-    return (f"step {stats.step:>7} | {images_per_s:7.1f} img/s | loss {stats.loss:6.3f} | lr {stats.lr:.2e} | "
-            f"code entropy {stats.code_entropy:5.2f} | prototypes in use {stats.n_prototypes_in_use:>4}/"
-            f"{n_prototypes} | queue {stats.queue_fill:4.0%} | data wait {wait_share:4.0%} | skipped {skipped}")
 
 
 class NonFiniteRun(RuntimeFailure):
@@ -68,14 +61,6 @@ class NonFiniteRun(RuntimeFailure):
 
 class DataPathFailed(RuntimeFailure):
     """The feeder thread (source, samples, augment) stopped on an unexpected error."""
-
-
-@dataclass
-class Batch:
-    """A full batch of views and the stream position right after its last sample."""
-
-    views: list[Tensor]
-    position: dict[str, Any] | None = None
 
 
 @dataclass
@@ -89,100 +74,6 @@ class RunSummary:
     checkpoint: str | None = None
     bad_samples: dict[str, int] = field(default_factory=dict)
     error: BaseException | None = None  # why the run stopped early, after shutting down cleanly
-
-
-_END = object()  # the feeder's "stream ended" marker
-
-
-class History:
-    """The run's own record: one JSON line per progress line, appended to ``history.jsonl`` in the run folder
-    (``streamssl report`` draws it). Survives restarts: a resumed run appends."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._file = None
-
-    def write(self, stats: StepStats, **extra: float) -> None:
-        record = {"time": round(time.time(), 3), "step": stats.step, "loss": stats.loss, "lr": stats.lr,
-                  "code_entropy": stats.code_entropy, "prototypes_in_use": stats.n_prototypes_in_use,
-                  "queue_fill": stats.queue_fill, **extra}
-        self.event(record)
-
-    def event(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
-        self._file.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
-                         + "\n")
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-class Feeder(threading.Thread):
-    """Producer thread: samples -> multi-crop -> full batches, into a bounded queue.
-
-    A multi-crop call may drop undecodable samples; the feeder tops the batch up with more samples so the
-    learner always gets exactly ``batch_size`` images (a final partial batch of a finite stream is passed on
-    when it has at least 2 images).
-    """
-
-    def __init__(self, stream: SampleStream, multicrop: Callable, batch_size: int, prefetch: int) -> None:
-        super().__init__(name="streamssl-feeder", daemon=True)
-        self.stream = stream
-        self.multicrop = multicrop
-        self.batch_size = batch_size
-        self.out: queue.Queue = queue.Queue(maxsize=prefetch)
-        self.error: BaseException | None = None
-        self._stop_event = threading.Event()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.stream.close()
-
-    def _put(self, item: object) -> bool:
-        while not self._stop_event.is_set():
-            try:
-                self.out.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run(self) -> None:
-        try:
-            samples = iter(self.stream)
-            exhausted = False
-            while not self._stop_event.is_set() and not exhausted:
-                parts: list[list[Tensor]] = []
-                have = 0
-                while have < self.batch_size and not self._stop_event.is_set():
-                    chunk = []
-                    for sample in samples:
-                        chunk.append(sample.data)
-                        if len(chunk) == self.batch_size - have:
-                            break
-                    else:
-                        exhausted = True
-                    if chunk:
-                        views, kept = self.multicrop(chunk)
-                        if kept:
-                            parts.append(views)
-                            have += len(kept)
-                    if exhausted:
-                        break
-                if self._stop_event.is_set() or have < 2:
-                    break
-                views = [torch.cat(group) for group in zip(*parts, strict=True)] if len(parts) > 1 else parts[0]
-                if not self._put(Batch(views, self.stream.state_dict())):
-                    break
-        except BaseException as exc:  # surfaced in the main thread
-            self.error = exc
-            log.exception("data feeder failed")
-        finally:
-            self._put(_END)
 
 
 class Daemon:
@@ -284,7 +175,7 @@ class Daemon:
                 if self.stream is not None:
                     self.metrics.set_source_idle(self.stream.idle_seconds())
                 continue
-            if item is _END:
+            if item is END:
                 if feeder.error is not None:  # stop as on SIGTERM (checkpoint, store, server), then report it
                     exc = feeder.error
                     self.error = exc if isinstance(exc, StreamsslError) else DataPathFailed(
@@ -303,11 +194,11 @@ class Daemon:
         state = self.checkpoints.load(map_location="cpu")
         if state is None:
             return False
-        same_source = self._check_fits(state["path"], state.get("config") or {})
+        same_source = check_fits(state["path"], state.get("config") or {}, self.cfg)
         try:
             self.learner.load_state_dict(state["learner"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(self._does_not_fit(state["path"], str(exc))) from None
+            raise CheckpointError(does_not_fit(state["path"], str(exc))) from None
         set_rng_state(state["rng"])
         self.position = state.get("position") if same_source else None
         self.images = int(state.get("images", 0))
@@ -316,35 +207,6 @@ class Daemon:
         self.metrics.checkpoint_written(float(state.get("saved_at", time.time())))
         self.echo(f"resumed from {state['path']} at step {self.learner.step_count} ({self.images} images)")
         return True
-
-    @staticmethod
-    def _does_not_fit(path: str, why: str) -> str:
-        return (f"the checkpoint {path} does not fit the configured run ({why}); resume it with the configuration "
-                "it was written with (stored inside it: `streamssl config show` of that file's config), or start "
-                "fresh with another checkpoint.dir or checkpoint.resume=false")
-
-    def _check_fits(self, path: str, saved: dict[str, Any]) -> bool:
-        """Refuse a checkpoint whose optimizer, or whose stream (unless allowed), differs from this run's.
-        Returns whether it was written on this run's stream (its position then applies)."""
-        optimizer = (saved.get("learner") or {}).get("optimizer")
-        if optimizer is not None and optimizer != self.cfg.learner.optimizer:
-            raise CheckpointError(self._does_not_fit(path, f"it was trained with learner.optimizer={optimizer}, "
-                                                           f"this run asks for {self.cfg.learner.optimizer}"))
-        if "source" not in saved:  # a checkpoint without a configuration (tests, tools): nothing to compare
-            return True
-        ours = [redact(u) for u in self.cfg.source.urls]
-        theirs = [redact(u) for u in saved["source"].get("urls", [])]
-        if theirs == ours:
-            return True
-        if not self.cfg.checkpoint.allow_new_source:
-            raise CheckpointError(
-                f"checkpoint.dir {self.cfg.checkpoint.dir!r} holds a run on source.urls {theirs or '(the demo)'}, "
-                f"but this run reads {ours or '(the demo)'}: give this run a folder of its own (--set "
-                "checkpoint.dir=runs/NAME), or set checkpoint.allow_new_source=true to continue that model on "
-                "this stream from its start")
-        log.warning("checkpoint %s was written on source.urls %s; continuing its model on %s from the stream's "
-                    "start (checkpoint.allow_new_source)", path, theirs, ours)
-        return False
 
     def checkpoint(self) -> str | None:
         """Write a checkpoint of everything, then ack the shards it covers. None when the write failed: that
@@ -442,22 +304,8 @@ class Daemon:
     def _start_server(self) -> None:
         if self.cfg.metrics.port < 0:
             return
-        try:
-            self.server = MetricsServer(self.metrics, self.registry, host=self.cfg.metrics.host,
-                                        port=self.cfg.metrics.port, stall_s=self.cfg.metrics.stall_s)
-        except OSError as exc:
-            where = f"cannot serve metrics on {self.cfg.metrics.host}:{self.cfg.metrics.port} ({exc})"
-            if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
-                hint = ("metrics.host is not an address of this machine: use 127.0.0.1, 0.0.0.0 for every interface, "
-                        "or one of the machine's own addresses")
-            elif exc.errno == errno.EADDRINUSE:
-                hint = ("another process (another run?) holds the port: set metrics.port=0 for a free one, or -1 "
-                        "for none")
-            elif exc.errno == errno.EACCES:
-                hint = "ports below 1024 need privileges: use a higher metrics.port"
-            else:
-                hint = "set metrics.port=0 for a free port, or -1 for no metrics server"
-            raise UsageError(f"{where}: {hint}") from None
+        self.server = MetricsServer(self.metrics, self.registry, host=self.cfg.metrics.host,
+                                    port=self.cfg.metrics.port, stall_s=self.cfg.metrics.stall_s)
         self.echo(f"metrics on http://{self.cfg.metrics.host}:{self.server.port}/metrics "
                   f"(health: /healthz)")
 

@@ -57,6 +57,7 @@ step (null before the first) and stall_s.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -71,6 +72,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
 
 from streamssl import __version__
+from streamssl.errors import UsageError
 from streamssl.reasons import BAD_REASONS as SAMPLE_REASONS
 from streamssl.reasons import OTHER
 
@@ -301,6 +303,21 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
+class MetricsBindError(UsageError, OSError):
+    """The metrics server cannot bind its address: a configuration error (metrics.host, metrics.port)."""
+
+
+def _bind_hint(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return ("metrics.host is not an address of this machine: use 127.0.0.1, 0.0.0.0 for every interface, or "
+                "one of the machine's own addresses")
+    if exc.errno == errno.EADDRINUSE:
+        return "another process (another run?) holds the port: set metrics.port=0 for a free one, or -1 for none"
+    if exc.errno == errno.EACCES:
+        return "ports below 1024 need privileges: use a higher metrics.port"
+    return "set metrics.port=0 for a free port, or -1 for no metrics server"
+
+
 class MetricsServer:
     """Serves ``/metrics`` (the registry's exposition) and ``/healthz`` from a daemon thread; 404 elsewhere.
 
@@ -316,7 +333,10 @@ class MetricsServer:
                  stall_s: float) -> None:
         handler = _handler(metrics, registry, stall_s)
         server_cls = _Server6 if ":" in host else _Server
-        self._server = server_cls((host, port), handler)
+        try:
+            self._server = server_cls((host, port), handler)
+        except OSError as exc:
+            raise MetricsBindError(f"cannot serve metrics on {host}:{port} ({exc}): {_bind_hint(exc)}") from None
         self.host = host
         self.port: int = self._server.server_address[1]
         self._closed = False
@@ -373,4 +393,4 @@ def _handler(metrics: Metrics, registry: CollectorRegistry, stall_s: float) -> t
     return Handler
 
 
-__all__ = ["BAD_REASONS", "Metrics", "MetricsServer"]
+__all__ = ["BAD_REASONS", "Metrics", "MetricsBindError", "MetricsServer"]
