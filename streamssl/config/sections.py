@@ -1,37 +1,22 @@
-"""Run configuration: one frozen dataclass per stage of the flow, resolved in layers.
-
-    dataclass defaults < TOML profile (pipelines/*.toml) < STREAMSSL_* environment < --set a.b=v overrides
-
-Every field carries its help text (with tuning advice) and its allowed range in the field metadata;
-``resolve`` checks each layer against them so that an unknown key, a wrong type or an out-of-range value
-fails once, with one message that names the key and the layer it came from. Values are merged by key
-presence, never by truthiness: 0, false and "" survive.
-
-Environment variables are ``STREAMSSL_<SECTION>_<KEY>`` (``STREAMSSL_LEARNER_BASE_LR=0.3``); override and
-environment values are parsed as TOML values when they parse (``[224, 96]``, ``true``, ``0.05``), else
-taken as plain strings; a list field also accepts ``224,96``.
-"""
+"""The run configuration's sections: one frozen dataclass per stage of the flow, each field with its help text
+and allowed range, and ``Config`` that holds them all (checks that span sections in ``__post_init__``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import sys
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from streamssl.errors import UsageError
 from streamssl.urls import SourceError, check_redis_url, check_url, is_redis_url
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover - exercised only on 3.10
-    import tomli as tomllib
+    pass
 
 ENV_PREFIX = "STREAMSSL_"
 DEBUG_ENV = "STREAMSSL_DEBUG"  # the CLI's --debug, not a configuration key
@@ -334,179 +319,3 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
-
-
-def _types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _check_value(key: str, value: Any, hint: Any, meta: Mapping[str, Any], origin: str) -> Any:
-    """Coerce ``value`` to the field's type and check its range; raise ConfigError naming ``key``."""
-
-    def fail(why: str) -> ConfigError:
-        return ConfigError(f"{key}: {why} (from {origin})")
-
-    def scalar(v: Any, t: type) -> Any:
-        if t is bool:
-            if isinstance(v, bool):
-                return v
-            if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                return v.lower() in ("true", "1", "yes", "on")
-            raise fail(f"expected true or false, got {v!r}")
-        if t is int:
-            if isinstance(v, bool) or not isinstance(v, int | str):
-                raise fail(f"expected an integer, got {v!r}")
-            try:
-                return int(v)
-            except ValueError:
-                raise fail(f"expected an integer, got {v!r}") from None
-        if t is float:
-            if isinstance(v, bool) or not isinstance(v, int | float | str):
-                raise fail(f"expected a number, got {v!r}")
-            try:
-                out = float(v)
-            except ValueError:
-                raise fail(f"expected a number, got {v!r}") from None
-            if not math.isfinite(out):
-                raise fail(f"expected a finite number, got {v!r}")
-            return out
-        if t is str:
-            if not isinstance(v, str):
-                raise fail(f"expected a string, got {v!r}")
-            return v
-        raise TypeError(t)  # pragma: no cover - config fields use only these types
-
-    if typing.get_origin(hint) is tuple:
-        item_t = typing.get_args(hint)[0]
-        if isinstance(value, str):
-            value = [p.strip() for p in value.split(",") if p.strip()] if value.strip() else []
-        if not isinstance(value, list | tuple):
-            raise fail(f"expected a list, got {value!r}")
-        out: Any = tuple(scalar(v, item_t) for v in value)
-        items = out
-    else:
-        out = scalar(value, hint)
-        items = (out,)
-    for v in items:
-        if meta.get("choices") and v not in meta["choices"]:
-            raise fail(f"must be one of {', '.join(map(str, meta['choices']))}; got {v!r}")
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            if meta.get("ge") is not None and v < meta["ge"]:
-                raise fail(f"must be >= {meta['ge']}, got {v}")
-            if meta.get("gt") is not None and v <= meta["gt"]:
-                raise fail(f"must be > {meta['gt']}, got {v}")
-            if meta.get("le") is not None and v > meta["le"]:
-                raise fail(f"must be <= {meta['le']}, got {v}")
-    return out
-
-
-def _parse_text(text: str, name: str = "value") -> Any:
-    """An override or environment value: a TOML value when it parses as one, else the plain string.
-
-    Text that starts like a TOML list, table or quoted string (``[``, ``{``, ``"``, ``'``) must parse: a
-    list cut short is an error, never a string that happens to begin with ``[``.
-    """
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError as exc:
-        if text.lstrip().startswith(("[", "{", '"', "'")):
-            raise ConfigError(f"{name}: {text!r} does not parse as a TOML value ({exc}); lists look like "
-                              "[\"a\", \"b\"] or a,b") from None
-        return text
-
-
-def _merge_layer(merged: dict[str, dict[str, Any]], layer: Mapping[str, Any], origin: str) -> None:
-    for section, values in layer.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"{section}: unknown section (from {origin}); known: {', '.join(SECTIONS)}")
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"{section}: expected a table of keys (from {origin})")
-        cls = SECTIONS[section]
-        hints = _types(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in values.items():
-            name = f"{section}.{key}"
-            if key not in fields:
-                raise ConfigError(f"{name}: unknown key (from {origin}); {section} has: {', '.join(fields)}")
-            merged[section][key] = _check_value(name, value, hints[key], fields[key].metadata, origin)
-
-
-def find_profile(profile: str | os.PathLike[str]) -> Path:
-    """A profile path, or a name looked up in ./pipelines, then among the profiles streamssl ships: inside the
-    installed package (streamssl/pipelines/, from a wheel) or beside it (pipelines/ of a source checkout)."""
-    path = Path(profile)
-    if path.is_file():
-        return path
-    name = path.name if path.suffix == ".toml" else f"{path.name}.toml"
-    package = Path(__file__).resolve().parent
-    folders = (Path.cwd() / "pipelines", package / "pipelines", package.parent / "pipelines")
-    for folder in folders:
-        if (folder / name).is_file():
-            return folder / name
-    shipped = sorted({p.stem for folder in folders[1:] if folder.is_dir() for p in folder.glob("*.toml")})
-    raise ConfigError(f"profile {str(profile)!r}: no such file, and no pipelines/{name}; the shipped profiles: "
-                      f"{', '.join(shipped) or 'none found'}")
-
-
-def env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """STREAMSSL_<SECTION>_<KEY>=value pairs as a layer. Unknown sections are an error, not ignored."""
-    layer: dict[str, dict[str, Any]] = {}
-    for var, text in environ.items():
-        if not var.startswith(ENV_PREFIX) or var == DEBUG_ENV:
-            continue
-        rest = var[len(ENV_PREFIX):].lower()
-        section, _, key = rest.partition("_")
-        if section not in SECTIONS or not key:
-            raise ConfigError(f"environment variable {var}: expected STREAMSSL_<SECTION>_<KEY> with a section "
-                              f"among {', '.join(SECTIONS)}")
-        layer.setdefault(section, {})[key] = _parse_text(text, f"environment variable {var}")
-    return layer
-
-
-def overrides_layer(overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``section.key=value`` strings as a layer."""
-    layer: dict[str, dict[str, Any]] = {}
-    for item in overrides:
-        dotted, sep, text = item.partition("=")
-        section, dot, key = dotted.strip().partition(".")
-        if not sep or not dot or not key:
-            raise ConfigError(f"override {item!r}: expected section.key=value")
-        layer.setdefault(section, {})[key] = _parse_text(text.strip(), f"--set {dotted.strip()}")
-    return layer
-
-
-def resolve(profile: str | os.PathLike[str] | None = DEFAULT_PROFILE, *,
-            environ: Mapping[str, str] | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Resolve the configuration: defaults < profile < environment < overrides.
-
-    Args:
-        profile: a TOML file or a profile name in pipelines/; None for the dataclass defaults alone.
-        environ: the environment to read STREAMSSL_* variables from (os.environ by default).
-        overrides: ``section.key=value`` strings, applied last.
-    """
-    merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-    if profile is not None:
-        path = find_profile(profile)
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"profile {path}: not valid TOML: {exc}") from None
-        _merge_layer(merged, data, f"profile {path.name}")
-    _merge_layer(merged, env_layer(os.environ if environ is None else environ), "environment")
-    _merge_layer(merged, overrides_layer(overrides), "--set")
-    try:
-        return Config(**{s: SECTIONS[s](**values) for s, values in merged.items()})
-    except TypeError as exc:  # pragma: no cover - all keys were checked above
-        raise ConfigError(str(exc)) from None
-
-
-def describe(cls: type) -> list[tuple[str, Any, str]]:
-    """(key, default, help) for every field of a section: for docs and CLI help."""
-    return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(cls)]
-
-
-__all__ = [
-    "AugmentConfig", "CheckpointConfig", "CollapseConfig", "Config", "ConfigError", "LearnerConfig",
-    "MetricsConfig", "ModelConfig", "ProbeConfig", "RunConfig", "SourceConfig", "StoreConfig", "describe",
-    "find_profile", "resolve",
-]
