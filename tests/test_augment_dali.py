@@ -159,7 +159,7 @@ def test_hue_jitter_is_in_degrees() -> None:
 
 
 def test_view_draws_follow_the_spec() -> None:
-    from streamssl.augment.dali import view_draws
+    from streamssl.augment.dali_graph import view_draws
 
     spec = MultiCropSpec(jitter_strength=0.5, jitter_p=0.7, grayscale_p=0.25, blur_p=0.4, blur_sigma=(0.1, 2.0))
     big, small = spec.groups
@@ -377,14 +377,14 @@ def test_gpu_graph_is_well_formed_without_a_gpu() -> None:
     """The GPU graph is defined (operator devices, CPU-only named arguments) even where it cannot run."""
     from nvidia.dali import pipeline_def
 
-    from streamssl.augment.dali import _define_graph
+    from streamssl.augment.dali_graph import define_graph
 
     spec = replace(MultiCropSpec(), solarize_p=0.2)
     devices: list[str] = []
 
     @pipeline_def(batch_size=2, num_threads=1, device_id=0, enable_conditionals=True, exec_dynamic=True)
     def graph():
-        views = _define_graph(spec, gpu=True, fused_decode=False)
+        views = define_graph(spec, gpu=True, fused_decode=False)
         devices.extend(view.device for view in views)
         return views
 
