@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from streamssl.backoff import RateLimitedLog, ShardBackoff
 from streamssl.config import SourceConfig
-from streamssl.shards import OnBad, Sample, _ignore, read_shard
+from streamssl.shards import OnBad, Sample, ignore_bad, read_shard
 from streamssl.source import ShardSource
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class SampleStream:
     Use from one thread: take ``state_dict()`` between two samples, in the thread that iterates.
     """
 
-    def __init__(self, source: ShardSource, cfg: SourceConfig, *, on_bad: OnBad = _ignore,
+    def __init__(self, source: ShardSource, cfg: SourceConfig, *, on_bad: OnBad = ignore_bad,
                  ack: Callable[[str], None] | None = None, defer_ack: bool = False) -> None:
         self.source = source
         self.cfg = cfg

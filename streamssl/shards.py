@@ -28,7 +28,7 @@ _shard_log = RateLimitedLog(log, limit=20, interval_s=60.0)  # a stream of dead 
 OnBad = Callable[[str], None]
 
 
-def _ignore(reason: str) -> None:
+def ignore_bad(reason: str) -> None:
     """Default ``on_bad``: drop the count (the daemon injects a counter)."""
 
 
@@ -163,7 +163,7 @@ def _to_sample(group: dict[str, Any], index: int, url: str, *, max_pixels: int,
 
 
 def read_shard(url: str, *, allow_pipe: bool = False, max_member_bytes: int = 64 << 20,
-               max_pixels: int = 40_000_000, on_bad: OnBad = _ignore,
+               max_pixels: int = 40_000_000, on_bad: OnBad = ignore_bad,
                skip: Iterable[int] = ()) -> Iterator[tuple[int, Sample | None]]:
     """Read one shard: ``(index, Sample)`` per good sample, ``(index, None)`` per bad one (already counted).
 

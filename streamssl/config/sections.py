@@ -179,7 +179,7 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Prototype store (store.py)."""
+    """Prototype store (store/)."""
 
     url: str = _f("", "redis://[:password@]host:port/db or rediss:// for TLS. Empty: a local file store "
                   "under checkpoint.dir (the embedded default).")
