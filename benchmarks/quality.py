@@ -48,6 +48,7 @@ import torch
 
 from streamssl import __version__
 from streamssl.config import Config, resolve
+from streamssl.devices import native_bf16
 from streamssl.eval import (
     FASHION_MNIST_DIR,
     LabeledImages,
@@ -59,7 +60,6 @@ from streamssl.eval import (
     load_trunk,
     topk_accuracy,
 )
-from streamssl.learner import native_bf16
 from streamssl.model import make_trunk, stem_of
 
 HERE = Path(__file__).resolve().parent

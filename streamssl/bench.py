@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from streamssl.config import Config
-from streamssl.learner import OnlineSwAV, pick_device
+from streamssl.devices import pick_device
+from streamssl.learner import OnlineSwAV
 
 
 def bench_learner(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict[str, Any]:

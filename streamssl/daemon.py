@@ -40,9 +40,10 @@ from streamssl.augment import make_multicrop
 from streamssl.checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError, rng_state, set_rng_state
 from streamssl.collapse import Action, CollapseMonitor, max_code_entropy
 from streamssl.config import Config
+from streamssl.devices import pick_device
 from streamssl.errors import RuntimeFailure, StreamsslError
 from streamssl.feeder import END, Batch, Feeder
-from streamssl.learner import OnlineSwAV, StepStats, pick_device
+from streamssl.learner import OnlineSwAV, StepStats
 from streamssl.metrics import Metrics, MetricsServer
 from streamssl.probe import LiveProbe
 from streamssl.progress import History, format_progress

@@ -11,7 +11,8 @@ import torch
 
 import streamssl.learner as learner_module
 from streamssl.config import LearnerConfig, ModelConfig
-from streamssl.learner import OnlineSwAV, native_bf16
+from streamssl.devices import native_bf16
+from streamssl.learner import OnlineSwAV
 from streamssl.synthetic import view_stream
 
 MODEL = ModelConfig(arch="resnet18", hidden_dim=128, out_dim=32, n_prototypes=32)
