@@ -6,16 +6,80 @@ runs DALI or copies the twin's views, the probe, the benchmarks) asks the same q
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto``: the first CUDA device when there is one, else the CPU; anything else as torch spells it."""
+    """``auto``: the first CUDA device when there is one, else the CPU; anything else as torch spells it.
+
+    A CUDA device always comes back with its index (``cuda`` is the current device, ``cuda:0`` by default):
+    DALI, the feeder thread and the learner must all name the same GPU.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
+
+
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the current CUDA device of the calling thread; nothing on other devices.
+
+    torch's current device is per thread: every thread that launches CUDA work (the learner's, the feeder's
+    that runs DALI or copies views) calls this first, or its kernels and allocations land on GPU 0. Also
+    lets cuDNN pick the fastest convolution algorithms: the view shapes never change during a run, so the
+    search is paid once per shape.
+    """
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+
+
+class StepTimer:
+    """Split of one step into named parts, with at most one wait for the device.
+
+    On the CPU each ``mark`` reads the clock. On CUDA each ``mark`` records an event on the current stream
+    and ``read`` waits for the last one only (an event, not ``torch.cuda.synchronize``, which would wait for
+    every stream of the device, DALI's too), then returns the GPU time between the marks. The events are
+    made once and reused: ``read`` runs before the next step records them again.
+    """
+
+    def __init__(self, device: torch.device, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.cuda = device.type == "cuda"
+        self._events = [torch.cuda.Event(enable_timing=True) for _ in range(len(names) + 1)] if self.cuda else []
+        self._times: list[float] = []
+        self._n = 0
+
+    def start(self) -> None:
+        self._times, self._n = [], 0
+        self._record()
+
+    def mark(self, name: str) -> None:
+        """The part ``name`` (the next in ``names``) ends here."""
+        if self._n > len(self.names) or self.names[self._n - 1] != name:
+            raise ValueError(f"timer: {name!r} is not the next part of {self.names}")
+        self._record()
+
+    def _record(self) -> None:
+        if self.cuda:
+            self._events[self._n].record()
+        else:
+            self._times.append(time.perf_counter())
+        self._n += 1
+
+    def read(self) -> dict[str, float]:
+        """Seconds per part since ``start``."""
+        if self.cuda:
+            self._events[-1].synchronize()
+            return {name: self._events[i].elapsed_time(self._events[i + 1]) / 1000
+                    for i, name in enumerate(self.names)}
+        return {name: self._times[i + 1] - self._times[i] for i, name in enumerate(self.names)}
 
 
 def native_bf16(device: str | torch.device) -> bool:
@@ -40,4 +104,4 @@ def native_bf16(device: str | torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-__all__ = ["native_bf16", "pick_device"]
+__all__ = ["StepTimer", "native_bf16", "pick_device", "use_device"]

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from streamssl.config import LearnerConfig, ModelConfig
-from streamssl.devices import native_bf16
+from streamssl.devices import StepTimer, native_bf16
 from streamssl.loss import swapped_prediction_loss
 from streamssl.model import SwAVModel
 from streamssl.optim import build_optimizer, lr_at, set_lr
@@ -35,6 +35,10 @@ from streamssl.queue import FeatureQueue
 from streamssl.sinkhorn import Reduce, sinkhorn
 
 log = logging.getLogger(__name__)
+
+# Scores are cosines of unit embeddings and unit prototypes (renormalised after every update, never changed
+# by a frozen or skipped step): they span at most 2, and a little more after bfloat16 rounding.
+COSINE_SPREAD = 2.02
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,9 @@ class OnlineSwAV:
                       if cfg.queue_length else None)
         self.step_count = 0
         self.n_skipped = 0
+        self._assign_index = torch.tensor(cfg.crops_for_assign, device=self.device)
+        self.timer = StepTimer(self.device, ("forward", "sinkhorn", "loss", "backward", "optim", "normalize",
+                                             "queue"))
         self.use_bf16 = cfg.bf16 and native_bf16(self.device)
         if cfg.bf16 and not self.use_bf16:
             _warn_once(f"learner.bf16: {self.device} has no native bfloat16 (CPU: AVX512_BF16 or AMX; GPU: "
@@ -106,10 +113,6 @@ class OnlineSwAV:
         # Runtime knobs, initialised from the config; the daemon's collapse recovery changes them for a while.
         self.epsilon = cfg.epsilon
         self.frozen_until = cfg.freeze_prototypes_steps
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.use_bf16:
@@ -131,51 +134,52 @@ class OnlineSwAV:
         if any(v.shape[0] != batch for v in views):
             raise ValueError("every view needs the same batch size")
         t_start = time.perf_counter()
+        timer = self.timer
+        timer.start()
         lr = lr_at(self.step_count, cfg, progress)
         set_lr(self.optimizer, lr)
 
         buffers = [b.detach().clone() for b in model.buffers()]  # restored if the step is skipped
         model.train()
-        t = time.perf_counter()
         views = [v.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format) for v in views]
         with self._autocast():
             emb, scores = model(views)  # (V*B, D), (V*B, K)
-        self._sync()
-        forward_s = time.perf_counter() - t
+        timer.mark("forward")
 
-        t = time.perf_counter()
         use_queue = self.queue is not None and self.queue.active(self.step_count)
         codes = []
         with torch.no_grad():
             protos = model.prototypes.weight.detach().float()  # (K, D)
             for i, s in enumerate(cfg.crops_for_assign):
-                out = scores[s * batch:(s + 1) * batch].detach().float()  # (B, K)
+                if scores.dtype == torch.float32:
+                    out = scores[s * batch:(s + 1) * batch].detach()  # (B, K)
+                else:
+                    # Under autocast the scores are bfloat16: their rounding moves the codes ~5x more than
+                    # float32 scores of the same (bfloat16) embeddings do (`streamssl bench sinkhorn`), and the
+                    # queue's rows are scored in float32 too. One (B x D x K) matmul buys that back.
+                    out = emb[s * batch:(s + 1) * batch].detach().float() @ protos.T  # (B, K)
                 if use_queue:
                     assert self.queue is not None
                     out = torch.cat([self.queue.embeddings(i) @ protos.T, out])  # (Q+B, K): queue rows first
-                codes.append(sinkhorn(out, n_iters=cfg.sinkhorn_iters, eps=self.epsilon, reduce=self.reduce)[-batch:])
-        self._sync()
-        sinkhorn_s = time.perf_counter() - t
+                codes.append(sinkhorn(out, n_iters=cfg.sinkhorn_iters, eps=self.epsilon, reduce=self.reduce,
+                                     max_spread=COSINE_SPREAD)[-batch:])
+        timer.mark("sinkhorn")
 
-        t = time.perf_counter()
         loss = swapped_prediction_loss(scores, codes, cfg.crops_for_assign, n_views, cfg.temperature)
-        self._sync()
-        loss_s = time.perf_counter() - t
+        timer.mark("loss")
 
-        t = time.perf_counter()
-        skipped = not bool(torch.isfinite(loss))
         frozen = self.step_count < self.frozen_until
-        if not skipped:
-            loss.backward()
-            if frozen:
-                model.prototypes.weight.grad = None  # frozen: no gradient, so no decay or momentum either
-        self._sync()
-        backward_s = time.perf_counter() - t
+        loss.backward()  # a non-finite loss gives non-finite gradients: the one check below catches both
+        if frozen:
+            model.prototypes.weight.grad = None  # frozen: no gradient, so no decay or momentum either
+        timer.mark("backward")
 
-        t = time.perf_counter()
-        if not skipped:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            skipped = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        # The step's one wait for the device before its end: whether the update may be applied.
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        finite = torch.isfinite(loss.detach())
+        if grads:
+            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        skipped = not bool(finite)
         if skipped:
             self.n_skipped += 1
             with torch.no_grad():
@@ -185,30 +189,30 @@ class OnlineSwAV:
             self.optimizer.step()
             self.step_count += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self._sync()
-        optim_s = time.perf_counter() - t
+        timer.mark("optim")
 
         # Renormalised right after each update rather than before each forward (the authors' place): the
         # same prototypes meet every forward, and a skipped or frozen step leaves them bit-for-bit unchanged.
-        t = time.perf_counter()
         if not skipped and not frozen:
             model.normalize_prototypes()
-        self._sync()
-        normalize_s = time.perf_counter() - t
+        timer.mark("normalize")
 
-        t = time.perf_counter()
         if self.queue is not None and not skipped:
-            idx = torch.tensor(cfg.crops_for_assign, device=emb.device)
-            self.queue.push(emb.detach().float().view(n_views, batch, -1)[idx])  # (A, B, D)
-        queue_s = time.perf_counter() - t
+            self.queue.push(emb.detach().float().view(n_views, batch, -1)[self._assign_index])  # (A, B, D)
+        timer.mark("queue")
 
+        # Every number of the step in one transfer (on CUDA: the second and last wait).
         entropy, in_use = _hard_code_usage(codes)
+        loss_value, entropy_value, in_use_value = torch.stack(
+            [loss.detach().float(), entropy, in_use.float()]).tolist()
+        t = timer.read()
         return StepStats(
-            step=self.step_count, n_images=batch, loss=float(loss.detach()) if not skipped else math.nan, lr=lr,
-            code_entropy=entropy, n_prototypes_in_use=in_use,
+            step=self.step_count, n_images=batch, loss=loss_value if not skipped else math.nan, lr=lr,
+            code_entropy=entropy_value + 0.0, n_prototypes_in_use=int(in_use_value),  # + 0.0: no "-0.000"
             queue_fill=self.queue.fill if self.queue is not None else 0.0, queue_used=use_queue,
-            skipped=skipped, trunk_s=forward_s + backward_s, sinkhorn_s=sinkhorn_s, loss_s=loss_s,
-            queue_s=queue_s, normalize_s=normalize_s, optim_s=optim_s, total_s=time.perf_counter() - t_start,
+            skipped=skipped, trunk_s=t["forward"] + t["backward"], sinkhorn_s=t["sinkhorn"], loss_s=t["loss"],
+            queue_s=t["queue"], normalize_s=t["normalize"], optim_s=t["optim"],
+            total_s=time.perf_counter() - t_start,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -236,10 +240,11 @@ class OnlineSwAV:
         self.frozen_until = int(state.get("frozen_until", self.cfg.freeze_prototypes_steps))
 
 
-def _hard_code_usage(codes: Sequence[Tensor]) -> tuple[float, int]:
-    """Entropy (nats) of the histogram of argmax codes over all assignment views, and its support size."""
+def _hard_code_usage(codes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Entropy (nats) of the histogram of argmax codes over all assignment views, and its support size, as
+    0-d tensors on the codes' device (read with the step's other numbers, in one transfer)."""
     hard = torch.cat([q.argmax(dim=1) for q in codes])  # (A*B,)
     counts = torch.bincount(hard).float()
-    counts = counts[counts > 0]
+    in_use = (counts > 0).sum()
     p = counts / counts.sum()
-    return float(-(p * p.log()).sum()) + 0.0, int(counts.numel())  # + 0.0: no "-0.000" in progress lines
+    return -torch.special.xlogy(p, p).sum(), in_use

@@ -44,7 +44,8 @@ def torch_distributed_reduce(tensor: Tensor, op: str) -> None:
 
 
 @torch.no_grad()
-def sinkhorn(scores: Tensor, *, n_iters: int = 3, eps: float = 0.05, reduce: Reduce | None = None) -> Tensor:
+def sinkhorn(scores: Tensor, *, n_iters: int = 3, eps: float = 0.05, reduce: Reduce | None = None,
+             max_spread: float | None = None) -> Tensor:
     """Soft codes for a batch of prototype scores.
 
     Args:
@@ -52,6 +53,9 @@ def sinkhorn(scores: Tensor, *, n_iters: int = 3, eps: float = 0.05, reduce: Red
         n_iters: Sinkhorn-Knopp rounds.
         eps: entropy regularisation; smaller gives sharper codes.
         reduce: all-reduce across processes, or None for a single process.
+        max_spread: a bound the caller knows on max(scores) - min(scores) (cosine scores: 2). When it keeps
+            the multiplicative path safe, the path is chosen without reading the scores' range back from
+            the device, so the codes cost no wait for a GPU.
 
     Returns:
         (B, K) float32 codes, each row summing to 1, without gradient.
@@ -66,7 +70,8 @@ def sinkhorn(scores: Tensor, *, n_iters: int = 3, eps: float = 0.05, reduce: Red
     extrema = torch.stack([scores.max(), -scores.min()])
     if reduce is not None:
         reduce(extrema, "max")
-    spread = float(extrema.sum()) / eps
+    known_safe = max_spread is not None and max_spread / eps <= LOG_DOMAIN_SPREAD
+    spread = max_spread / eps if known_safe else float(extrema.sum()) / eps  # type: ignore[operator]
     # (scores - max) / eps in fresh memory: every entry <= 0, the global maximum is 0
     logits = scores.sub(extrema[0]).mul_(1.0 / eps)
     n_protos = logits.shape[1]

@@ -140,3 +140,56 @@ def test_bf16_only_where_the_device_has_it(monkeypatch: pytest.MonkeyPatch, capl
 def test_native_bf16_matches_the_cpu_flags() -> None:
     flags = Path("/proc/cpuinfo").read_text().split()
     assert native_bf16("cpu") is ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+class _Readbacks:
+    """Counts the reads of a tensor's value into Python: each is a wait for the device on a GPU."""
+
+    NAMES = ("__bool__", "__float__", "__int__", "item", "tolist")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "sgd"])
+def test_a_step_reads_the_device_twice_whatever_its_parts(monkeypatch: pytest.MonkeyPatch, optimizer: str) -> None:
+    """One wait before the update (may it be applied?) and one for the step's numbers: no per-part
+    synchronisation, none in Sinkhorn, the code statistics or the optimizer."""
+    learner = OnlineSwAV(MODEL, LearnerConfig(batch_size=8, optimizer=optimizer, queue_length=16,
+                                              queue_start_step=0, crops_for_assign=(0, 1)))
+    views = stream(8)
+    for _ in range(3):  # the queue fills and joins Sinkhorn
+        learner.step(next(views))
+    batch = next(views)
+    readbacks = _Readbacks(monkeypatch)
+    stats = learner.step(batch)
+    assert stats.queue_used and not stats.skipped
+    assert readbacks.count == 2
+
+
+def test_under_bf16_the_codes_come_from_float32_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autocast's prototype scores are bfloat16; Sinkhorn gets float32 scores of the same embeddings."""
+    learner = OnlineSwAV(MODEL, LearnerConfig(batch_size=8, optimizer="sgd", bf16=True))
+    learner.use_bf16 = True  # autocast even on a CPU that only emulates bfloat16
+    seen: list[torch.Tensor] = []
+    real = learner_module.sinkhorn
+    monkeypatch.setattr(learner_module, "sinkhorn", lambda scores, **kw: seen.append(scores) or real(scores, **kw))
+    embeddings: list[torch.Tensor] = []
+    hook = learner.model.prototypes.register_forward_hook(lambda m, inputs, out: embeddings.append(inputs[0]))
+    protos = learner.model.prototypes.weight.detach().float().clone()  # before the step moves them
+    learner.step(next(stream(8)))
+    hook.remove()
+    emb = embeddings[0].detach()
+    assert emb.dtype == torch.bfloat16 and len(seen) == 2
+    for i, scores in zip(learner.cfg.crops_for_assign, seen, strict=True):
+        assert scores.dtype == torch.float32
+        torch.testing.assert_close(scores, emb[i * 8:(i + 1) * 8].float() @ protos.T)
+        assert not torch.equal(scores, scores.bfloat16().float())  # not bfloat16 values widened

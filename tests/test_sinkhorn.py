@@ -73,6 +73,21 @@ def test_both_paths_taken_and_agree() -> None:
         torch.testing.assert_close(sinkhorn(scores, eps=eps), textbook(scores, 3, eps).float(), atol=1e-5, rtol=0)
 
 
+def test_a_known_spread_skips_the_readback_and_keeps_the_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the caller's bound on the spread (cosines: 2) the path is chosen without reading the scores'
+    range back (a wait for a GPU); a bound that would not keep the multiplicative path safe is not used."""
+    scores = cosine_scores(200, 30, seed=4)
+    expected = {eps: sinkhorn(scores, eps=eps) for eps in (0.05, 0.02)}
+    reads: list[int] = []
+    real_float = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(1) or real_float(t))
+    torch.testing.assert_close(sinkhorn(scores, eps=0.05, max_spread=2.0), expected[0.05], atol=0, rtol=0)
+    assert reads == []
+    # 2 / 0.02 = 100 > LOG_DOMAIN_SPREAD: the bound is too loose to trust, the range is measured
+    torch.testing.assert_close(sinkhorn(scores, eps=0.02, max_spread=2.0), expected[0.02], atol=0, rtol=0)
+    assert reads == [1]
+
+
 @pytest.mark.parametrize("scale", [1.0, 100.0, 1e4])
 def test_no_nan_on_unnormalised_scores_and_small_eps(scale: float) -> None:
     g = torch.Generator().manual_seed(0)
