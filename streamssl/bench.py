@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from streamssl.config import Config
-from streamssl.devices import pick_device
+from streamssl.devices import pick_device, use_device
 from streamssl.learner import OnlineSwAV
 
 
@@ -31,7 +31,9 @@ def bench_learner(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict[str,
     learner = OnlineSwAV(cfg.model, cfg.learner, device=device)
     batch = cfg.learner.batch_size
     generator = torch.Generator().manual_seed(0)
-    views = [torch.randn(batch, 3, size, size, generator=generator)
+    use_device(device)
+    # On the device before the clock starts: the learner is timed, not the copy of its input.
+    views = [torch.randn(batch, 3, size, size, generator=generator).to(device)
              for size, count in zip(cfg.augment.sizes, cfg.augment.n_views, strict=True) for _ in range(count)]
     if learner.queue is not None:  # measure the steady state: a full queue taking part in Sinkhorn
         learner.queue.start_step = 0
@@ -150,3 +152,60 @@ def rss_summary(marks: list[tuple[float, int]], warm_step: int) -> dict[str, Any
         "rss_trend_mb_per_h": round(trend, 1) if trend is not None else None,
         "rss_timeline": [[round(t - t0), round(r / 2**20)] for t, r in marks[::stride]],
     }
+
+
+def _sinkhorn_float64(scores: torch.Tensor, n_iters: int, eps: float) -> torch.Tensor:
+    """Textbook Sinkhorn-Knopp in float64 (Cuturi 2013; SwAV's Algorithm 1): the reference the codes the
+    learner computes are compared with."""
+    q = torch.exp((scores - scores.max()) / eps).T  # (K, B)
+    n_protos, n_samples = q.shape
+    q /= q.sum()
+    for _ in range(n_iters):
+        q /= q.sum(dim=1, keepdim=True) * n_protos
+        q /= q.sum(dim=0, keepdim=True) * n_samples
+    return (q * n_samples).T  # (B, K), rows sum to 1
+
+
+def sinkhorn_precision(cfg: Config, *, device: str | torch.device = "cpu", rows: int | None = None,
+                       spread: float = 0.3, seed: int = 0) -> dict[str, Any]:
+    """How far SwAV's codes move when the prototype scores they come from are computed in bfloat16.
+
+    Under autocast the prototype layer returns bfloat16 scores: 8 significant bits, so a score near 1 is off
+    by up to 2^-8, and exp(score / eps) by up to 8% at eps = 0.05. Three ways of making the scores, each fed
+    to the learner's ``sinkhorn`` and compared with a float64 Sinkhorn of the exact scores:
+    ``bf16`` (autocast's scores, what the learner used), ``fp32_from_bf16_emb`` (the bfloat16 embeddings
+    autocast's head returns, multiplied by the float32 prototypes in float32: what the learner can do at the
+    cost of one (rows x D x K) matmul) and ``fp32`` (everything in float32).
+
+    The embeddings sit near their prototypes, as they do once training has structure: a random prototype
+    per row plus Gaussian noise of ``spread`` per dimension scale, normalised. ``rows``: the rows Sinkhorn
+    sees (the queue's and the batch's); default batch + queue length of ``cfg.learner``.
+    """
+    from streamssl.sinkhorn import sinkhorn
+
+    device = torch.device(device)
+    lc, k, d = cfg.learner, cfg.model.n_prototypes, cfg.model.out_dim
+    rows = rows or lc.batch_size + lc.queue_length
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.nn.functional.normalize(torch.randn(k, d, generator=g, dtype=torch.float64), dim=1)
+    centres = protos[torch.randint(0, k, (rows,), generator=g)]
+    emb = torch.nn.functional.normalize(centres + spread * torch.randn(rows, d, generator=g, dtype=torch.float64)
+                                        / d ** 0.5, dim=1)
+    reference = _sinkhorn_float64(emb @ protos.T, lc.sinkhorn_iters, lc.epsilon)
+    emb32, protos32 = emb.float().to(device), protos.float().to(device)
+    variants = {
+        "bf16": (emb32.bfloat16() @ protos32.bfloat16().T).float(),
+        "fp32_from_bf16_emb": emb32.bfloat16().float() @ protos32.T,
+        "fp32": emb32 @ protos32.T,
+    }
+    result: dict[str, Any] = {"benchmark": "sinkhorn_precision", "device": str(device), "rows": rows,
+                              "n_prototypes": k, "dim": d, "epsilon": lc.epsilon, "iters": lc.sinkhorn_iters,
+                              "top_score_mean": round(float((emb * centres).sum(1).mean()), 3)}
+    for name, scores in variants.items():
+        codes = sinkhorn(scores, n_iters=lc.sinkhorn_iters, eps=lc.epsilon).double().cpu()
+        result[name] = {
+            "argmax_agreement": round(float((codes.argmax(1) == reference.argmax(1)).double().mean()), 5),
+            "max_abs_error": float(f"{float((codes - reference).abs().max()):.3g}"),
+            "mean_tv_distance": float(f"{float(0.5 * (codes - reference).abs().sum(1).mean()):.3g}"),
+        }
+    return result

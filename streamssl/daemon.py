@@ -40,7 +40,7 @@ from streamssl.augment import make_multicrop
 from streamssl.checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError, rng_state, set_rng_state
 from streamssl.collapse import Action, CollapseMonitor, max_code_entropy
 from streamssl.config import Config
-from streamssl.devices import pick_device
+from streamssl.devices import pick_device, use_device
 from streamssl.errors import RuntimeFailure, StreamsslError
 from streamssl.feeder import END, Batch, Feeder
 from streamssl.learner import OnlineSwAV, StepStats
@@ -93,7 +93,8 @@ class Daemon:
         self.echo = echo
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        self.device = pick_device(cfg.run.device)
+        self.device = pick_device(cfg.run.device)  # cuda always with its index: DALI and the feeder use it
+        use_device(self.device)
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
         self.checkpoints.prepare()  # a folder that cannot hold checkpoints stops the run now, not at its end
         self.learner = OnlineSwAV(cfg.model, cfg.learner, device=self.device)
@@ -155,9 +156,10 @@ class Daemon:
                                    on_bad=self._on_bad, defer_ack=True, ack=self._ack)
         if self.position is not None:
             self.stream.load_state_dict(self.position)
-        device = "cuda" if self.device.type == "cuda" else "cpu"
-        multicrop = make_multicrop(cfg.augment, cfg.learner.batch_size, device=device, on_bad=self._on_bad)
-        self.feeder = Feeder(self.stream, multicrop, cfg.learner.batch_size, cfg.augment.prefetch)
+        multicrop = make_multicrop(cfg.augment, cfg.learner.batch_size, device=str(self.device),
+                                   on_bad=self._on_bad)
+        self.feeder = Feeder(self.stream, multicrop, cfg.learner.batch_size, cfg.augment.prefetch,
+                             device=self.device)
         self.feeder.start()
         return self._drain(self.feeder)
 

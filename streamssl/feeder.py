@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from streamssl.devices import use_device
 from streamssl.samples import SampleStream
 
 log = logging.getLogger("streamssl.daemon")
@@ -36,11 +37,15 @@ class Feeder(threading.Thread):
 
     A multi-crop call may drop undecodable samples; the feeder tops the batch up with more samples so the
     learner always gets exactly ``batch_size`` images (a final partial batch of a finite stream is passed on
-    when it has at least 2 images).
+    when it has at least 2 images). ``device``: where the views go; on CUDA the thread makes it its current
+    device before any CUDA call. When the stream ends or stops, the multi-crop's ``close`` (if it has one)
+    releases its workers.
     """
 
-    def __init__(self, stream: SampleStream, multicrop: Callable, batch_size: int, prefetch: int) -> None:
+    def __init__(self, stream: SampleStream, multicrop: Callable, batch_size: int, prefetch: int, *,
+                 device: torch.device | None = None) -> None:
         super().__init__(name="streamssl-feeder", daemon=True)
+        self.device = device if device is not None else torch.device("cpu")
         self.stream = stream
         self.multicrop = multicrop
         self.batch_size = batch_size
@@ -63,6 +68,7 @@ class Feeder(threading.Thread):
 
     def run(self) -> None:
         try:
+            use_device(self.device)  # torch's current CUDA device is per thread: DALI's copies land on ours
             samples = iter(self.stream)
             exhausted = False
             while not self._stop_event.is_set() and not exhausted:
@@ -92,6 +98,9 @@ class Feeder(threading.Thread):
             self.error = exc
             log.exception("data feeder failed")
         finally:
+            close = getattr(self.multicrop, "close", None)
+            if close is not None:
+                close()
             self._put(END)
 
 
