@@ -46,10 +46,11 @@ Decisions, measured with process CPU time (the machine was shared, wall clock wa
   the crops and flips draw inside the graph.
 * Bad input: one undecodable image makes DALI raise and leaves the pipeline object unusable. We then
   rebuild the pipeline (~50-100 ms), find the offenders by decoding each sample alone through a one-sample
-  decode-only pipeline (~50 ms for a batch of 64 with 1 or 3 offenders; that pipeline rebuilds in ~2 ms
-  after each failure) rather than bisecting (~130-190 ms: a rebuild per failing half and log2(B) decodes
-  of every sample), drop them, count each via ``on_bad("decode_error")`` and run the rest. The returned
-  batch may therefore be smaller than the input: the caller refills to full size later.
+  decode-only pipeline on the CPU, whatever the main pipeline's device (~50 ms for a batch of 64 with 1 or 3
+  offenders; that pipeline rebuilds in ~2 ms after each failure) rather than bisecting (~130-190 ms: a
+  rebuild per failing half and log2(B) decodes of every sample), drop them, count each via
+  ``on_bad("decode_error")`` and run the rest. The returned batch may therefore be smaller than the
+  input: the caller refills to full size later.
 """
 
 from __future__ import annotations
@@ -138,15 +139,18 @@ class DaliMultiCrop:
         return pipe
 
     def _build_checker(self) -> Any:
-        """A one-sample, decode-only pipeline that tells whether DALI can decode an image."""
+        """A one-sample, decode-only pipeline on the CPU that tells whether DALI can decode an image.
+
+        On the CPU whatever the main pipeline's device: it is rebuilt after every image it rejects, and a
+        mixed (nvJPEG) pipeline costs a GPU context, device buffers and a decoder per rebuild. An image the
+        CPU decodes but nvJPEG does not still fails the rerun of the batch; ``_one_by_one`` then drops it.
+        """
         from nvidia.dali import Pipeline, fn, types
 
-        pipe = Pipeline(batch_size=1, num_threads=1, device_id=self._device_id(), seed=self.seed,
-                        prefetch_queue_depth=1)
+        pipe = Pipeline(batch_size=1, num_threads=1, device_id=None, seed=self.seed, prefetch_queue_depth=1)
         with pipe:
             encoded = fn.external_source(name=INPUT, dtype=types.UINT8, ndim=1)
-            decoder_device = "mixed" if self.device.type == "cuda" else "cpu"
-            pipe.set_outputs(fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB))
+            pipe.set_outputs(fn.decoders.image(encoded, device="cpu", output_type=types.RGB))
         pipe.build()
         return pipe
 
