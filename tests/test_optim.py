@@ -83,3 +83,47 @@ def test_budget_schedule_follows_the_fraction_of_the_budget_used() -> None:
     assert lrs == sorted(lrs, reverse=True)
     with pytest.raises(ValueError, match="budget"):
         lr_at(20, cfg)
+
+
+def _textbook_lars(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor | None], *,
+                   lr: float, momentum: float, wd: float, coef: float, eps: float, lars: bool) -> None:
+    """You et al. 2017, one tensor at a time in float64 (the loop LARS.step replaces with foreach ops)."""
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        g = g + wd * p
+        if lars:
+            w_norm, g_norm = p.norm(), g.norm()
+            if w_norm > 0 and g_norm > 0:
+                g = g * coef * w_norm / (g_norm + eps)
+        bufs[i] = g.clone() if bufs[i] is None else momentum * bufs[i] + g
+        p -= lr * bufs[i]
+
+
+def test_lars_matches_a_textbook_loop_over_several_steps() -> None:
+    """The multi-tensor step equals the per-tensor loop of the paper over steps with momentum, weight decay,
+    a zero-initialised tensor, a zero gradient and a group without adaptation."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 3, 3, 3), (16, 8), (5,), (4, 4)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    start[3].zero_()  # a fresh zero-init layer
+    params = [nn.Parameter(t.clone()) for t in start]
+    opt = LARS([{"params": params[:2] + params[3:], "lars": True, "weight_decay": 1e-3},
+                {"params": [params[2]], "lars": False, "weight_decay": 0.0}],
+               lr=0.5, momentum=0.9, trust_coefficient=0.02)
+    ref = [t.double() for t in start]
+    bufs: list[torch.Tensor | None] = [None] * 4
+    for step in range(4):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        if step == 2:
+            grads[1].zero_()
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad.clone()
+        opt.step()
+        group_of = [0, 0, 1, 0]
+        for i in range(4):
+            lars = group_of[i] == 0
+            one = [bufs[i]]
+            _textbook_lars([ref[i]], [grads[i].double()], one, lr=0.5, momentum=0.9, wd=1e-3 if lars else 0.0,
+                           coef=0.02, eps=1e-8, lars=lars)
+            bufs[i] = one[0]
+        for p, r in zip(params, ref, strict=True):
+            torch.testing.assert_close(p.detach().double(), r, rtol=1e-5, atol=1e-6)
