@@ -225,3 +225,34 @@ def test_the_twin_never_touches_the_global_rng_from_its_thread() -> None:
         got.append(float(torch.rand(())))
     worker.join()
     assert len(got) > 10 and got == expected[:len(got)]
+
+
+def test_worker_processes_give_the_views_of_the_calling_thread() -> None:
+    """Spread over 2 spawned workers the twin returns the same views, in the same order, and drops and
+    counts the same bad inputs: the views depend on the seed, never on where they were made."""
+    good = jpegs(7, seed=4)
+    batch = [good[0], truncated(good[1]), *good[2:5], b"not an image", *good[5:]]
+    bad_here: list[str] = []
+    bad_there: list[str] = []
+    here, kept_here = TorchvisionMultiCrop(SMALL, 8, seed=5, on_bad=bad_here.append)(batch)
+    twin = TorchvisionMultiCrop(SMALL, 8, seed=5, on_bad=bad_there.append, workers=2)
+    try:
+        there, kept_there = twin(batch)
+        again, _ = twin(good)
+    finally:
+        twin.close()
+    assert kept_here == kept_there == [0, 2, 3, 4, 6, 7] and bad_here == bad_there == ["decode_error"] * 2
+    for a, b in zip(here, there, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert [v.shape[0] for v in again] == [7] * len(SMALL.view_sizes)  # the pool stays up between calls
+    assert twin._pool is None  # closed
+
+
+def test_on_a_gpu_run_the_twin_gets_worker_processes() -> None:
+    cfg = AugmentConfig(backend="torchvision", n_threads=3)
+    on_cpu = make_multicrop(cfg, 4, device="cpu")
+    on_gpu = make_multicrop(cfg, 4, device="cuda:0")  # no GPU needed to build it
+    try:
+        assert on_cpu.workers == 0 and on_gpu.workers == 3 and on_gpu.device == torch.device("cuda", 0)
+    finally:
+        on_gpu.close()

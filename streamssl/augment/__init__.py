@@ -78,7 +78,10 @@ def make_multicrop(cfg: AugmentConfig, batch_size: int, *, device: str = "cpu",
         raise ValueError(f"augment.backend: dali, torchvision or auto, got {backend!r}")
     from streamssl.augment.reference import TorchvisionMultiCrop
 
-    return TorchvisionMultiCrop(spec, batch_size, device=device, seed=cfg.seed, on_bad=on_bad)
+    # On a GPU machine the twin decodes in n_threads worker processes, or it starves the learner; on a CPU run
+    # it stays in the feeder thread, beside a learner that needs the same cores.
+    workers = cfg.n_threads if torch.device(device).type == "cuda" else 0
+    return TorchvisionMultiCrop(spec, batch_size, device=device, seed=cfg.seed, on_bad=on_bad, workers=workers)
 
 
 __all__ = ["CropGroup", "MultiCrop", "MultiCropSpec", "dali_import_error", "make_multicrop"]

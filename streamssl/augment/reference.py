@@ -13,8 +13,8 @@ JPEG with corrupt entropy-coded data is decoded (with artefacts) by DALI but rej
 
 Two ways to run it:
 
-* ``TorchvisionMultiCrop(spec, batch_size)(batch) -> (views, kept)``: in-process, the same call as
-  ``DaliMultiCrop``; simple, single-threaded per call.
+* ``TorchvisionMultiCrop(spec, batch_size)(batch) -> (views, kept)``: the same call as ``DaliMultiCrop``;
+  in the calling thread, or spread over worker processes (``workers``) with pinned memory for a GPU.
 * ``MultiCropDataset`` + ``collate_views`` in a ``torch.utils.data.DataLoader(num_workers=N)``: the way
   torchvision users parallelise it. Workers cannot call back into the parent, so bad samples come back as
   the ``dropped`` list of each batch and the parent counts them.
@@ -166,37 +166,104 @@ def collate_views(items: Sequence[tuple[int, list[torch.Tensor] | None]]
 
 
 class TorchvisionMultiCrop:
-    """SwAV multi-crop of a batch of encoded images with PIL + torchvision v2, in this process.
+    """SwAV multi-crop of a batch of encoded images with PIL + torchvision v2.
 
     Same call as ``DaliMultiCrop``: ``(batch) -> (views, kept)`` with V tensors (B', 3, S_v, S_v) float32
     and the indices of the B' inputs that decoded; each undecodable input is counted through
-    ``on_bad("decode_error")``. ``seed`` seeds a generator of its own: the global torch RNG is never touched.
-    ``device`` only says where the views are moved to; the work is on CPU.
+    ``on_bad("decode_error")``. ``seed`` seeds a generator of its own: the global torch RNG is never touched;
+    it draws one seed per image, and the image's views come from a generator of that seed, so the views do
+    not depend on where they are made.
+
+    ``workers``: 0 decodes and augments in the calling thread; N > 0 in N worker processes (started once,
+    with "spawn": the daemon has threads, which "fork" must not copy), each taking a slice of the batch, the
+    views coming back through shared memory as a DataLoader's do. ``device``: where the views go; on CUDA
+    they are gathered into pinned memory and copied without blocking, so the copy overlaps the next batch's
+    work. ``close`` stops the workers.
     """
 
     def __init__(self, spec: MultiCropSpec, batch_size: int, *, device: str = "cpu", seed: int = 0,
-                 on_bad: OnBad | None = None) -> None:
+                 on_bad: OnBad | None = None, workers: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
         self.spec = spec
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.on_bad = on_bad
         self.transform = MultiCropTransform(spec)
         self.generator = torch.Generator().manual_seed(seed)  # its own: the global RNG is the learner's
+        self.workers = workers
+        self._pool: Any = None
+        if workers:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start_worker, initargs=(spec,))
 
     def __call__(self, batch: Sequence[Any]) -> tuple[list[torch.Tensor], list[int]]:
-        items = []
-        for i, item in enumerate(batch):
-            image = decode_rgb(encoded_bytes(item))
-            items.append((i, None if image is None else self.transform(image, self.generator)))
-        views, kept, dropped = collate_views(items)
-        for _ in dropped:
+        seeds = torch.randint(0, 2**62, (len(batch),), generator=self.generator).tolist()
+        jobs = [(encoded_bytes(item), seed) for item, seed in zip(batch, seeds, strict=True)]
+        if self._pool is None:
+            parts = [_views_of(jobs, self.transform)]
+        else:
+            step = -(-len(jobs) // self.workers)
+            parts = list(self._pool.map(_views_in_worker, [jobs[i:i + step] for i in range(0, len(jobs), step)]))
+        views: list[list[torch.Tensor]] = []
+        kept: list[int] = []
+        offset = 0
+        for part_views, part_kept, n in parts:
+            if part_kept:
+                views.append(part_views)
+                kept += [offset + i for i in part_kept]
+            offset += n
+        for _ in range(len(batch) - len(kept)):
             if self.on_bad is not None:
                 self.on_bad("decode_error")
         if not kept:
-            views = [torch.empty((0, 3, s, s)) for s in self.spec.view_sizes]
-        return [v.to(self.device) for v in views], kept
+            return [torch.empty((0, 3, s, s), device=self.device) for s in self.spec.view_sizes], kept
+        return [self._gather([v[k] for v in views]) for k in range(len(self.spec.view_sizes))], kept
+
+    def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """One view's slices as one tensor on ``device``: through pinned memory to a GPU."""
+        if self.device.type != "cuda":
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        pinned = torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), pin_memory=True)
+        torch.cat(parts, out=pinned)
+        return pinned.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the worker processes (no-op without workers)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _views_of(jobs: Sequence[tuple[bytes, int]], transform: MultiCropTransform
+              ) -> tuple[list[torch.Tensor], list[int], int]:
+    """The views of ``(encoded image, seed)`` jobs: (V tensors (B', 3, S, S), kept indices, len(jobs))."""
+    items = []
+    for i, (data, seed) in enumerate(jobs):
+        image = decode_rgb(data)
+        views = None if image is None else transform(image, torch.Generator().manual_seed(seed))
+        items.append((i, views))
+    views, kept, _ = collate_views(items)
+    return views, kept, len(jobs)
+
+
+_worker_transform: MultiCropTransform | None = None  # set in each worker process by _start_worker
+
+
+def _start_worker(spec: MultiCropSpec) -> None:
+    global _worker_transform
+    torch.set_num_threads(1)  # one core a worker: the workers are the parallelism
+    _worker_transform = MultiCropTransform(spec)
+
+
+def _views_in_worker(jobs: Sequence[tuple[bytes, int]]) -> tuple[list[torch.Tensor], list[int], int]:
+    assert _worker_transform is not None, "worker not started"
+    return _views_of(jobs, _worker_transform)
 
 
 __all__ = ["MultiCropDataset", "MultiCropTransform", "TorchvisionMultiCrop", "ViewTransform", "collate_views",

@@ -91,7 +91,8 @@ class AugmentConfig:
     solarize_p: float = _f(0.0, "Probability of solarization (0 in SwAV).", ge=0, le=1)
     mean: tuple[float, ...] = _f((0.485, 0.456, 0.406), "Normalisation mean per channel (0-1 scale).")
     std: tuple[float, ...] = _f((0.228, 0.224, 0.225), "Normalisation std per channel (0-1 scale).")
-    n_threads: int = _f(2, "Decode and augmentation threads (DALI) or workers (torchvision).", ge=1)
+    n_threads: int = _f(2, "Decode and augmentation threads (DALI), or worker processes of the torchvision "
+                        "twin on a GPU run (on a CPU run the twin works in the feeder thread).", ge=1)
     prefetch: int = _f(2, "Batches prepared ahead of the learner.", ge=1)
     seed: int = _f(0, "Seed of the augmentation RNG.", ge=0)
 
