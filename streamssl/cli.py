@@ -178,6 +178,19 @@ def bench_learner(profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = Non
     typer.echo(json.dumps(bench(cfg, steps=steps, warmup=warmup)))
 
 
+@bench_app.command("sinkhorn")
+def bench_sinkhorn(profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = None,
+                   spread: Annotated[float, typer.Option(min=0, help="Noise around each row's prototype "
+                                                         "(0.3: trained-like, 3: nearly random).")] = 1.0) -> None:
+    """How far bfloat16 prototype scores move SwAV's codes against float32 ones, beside a float64 reference
+    (JSON)."""
+    cfg = _config(profile, overrides)
+    from streamssl.bench import sinkhorn_precision
+    from streamssl.devices import pick_device
+
+    typer.echo(json.dumps(sinkhorn_precision(cfg, device=pick_device(cfg.run.device), spread=spread)))
+
+
 @bench_app.command("run")
 def bench_run(profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = None,
               steps: Annotated[int, typer.Option(min=2, help="Timed daemon steps.")] = 20,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from streamssl.bench import memory_warmup_steps, rss_summary
-from streamssl.config import Config
+from streamssl.config import Config, resolve
 
 MB = 2**20
 
@@ -44,3 +44,15 @@ def test_rss_summary_tells_a_plateau_from_a_leak() -> None:
 
 def test_rss_summary_with_too_few_steps() -> None:
     assert rss_summary([(float(t), MB) for t in range(10)], warm_step=5)["rss_growth"] is None
+
+
+def test_sinkhorn_precision_orders_the_three_ways_of_scoring() -> None:
+    """bfloat16 scores move the codes most, float32 scores of bfloat16 embeddings less, float32 throughout
+    hardly at all, each against the float64 reference."""
+    from streamssl.bench import sinkhorn_precision
+
+    cfg = resolve("cpu-small", environ={}, overrides=["learner.batch_size=64", "learner.queue_length=0"])
+    result = sinkhorn_precision(cfg, spread=1.0)
+    errors = [result[name]["mean_tv_distance"] for name in ("bf16", "fp32_from_bf16_emb", "fp32")]
+    assert errors[0] > 2 * errors[1] > 0 and errors[1] > 100 * errors[2]
+    assert result["fp32"]["argmax_agreement"] == 1.0 and result["rows"] == 64

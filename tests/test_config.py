@@ -22,7 +22,11 @@ def test_paper_recipe_profile() -> None:
     assert (cfg.model.arch, cfg.augment.n_views, cfg.augment.sizes) == ("resnet50", (2, 6), (224, 96))
     assert (cfg.model.n_prototypes, cfg.learner.epsilon, cfg.learner.sinkhorn_iters) == (3000, 0.05, 3)
     assert (cfg.learner.temperature, cfg.learner.queue_length, cfg.learner.optimizer) == (0.1, 3840, "lars")
-    assert cfg.learner.warmup_steps > 0 and cfg.learner.bf16
+    assert cfg.learner.bf16 and cfg.model.channels_last
+    # the authors' batch-256 scripts: no warmup, prototypes frozen one ImageNet epoch (5005 iterations at
+    # 256), the queue from epoch 15
+    assert (cfg.learner.batch_size, cfg.learner.base_lr, cfg.learner.warmup_steps) == (256, 0.6, 0)
+    assert (cfg.learner.freeze_prototypes_steps, cfg.learner.queue_start_step) == (5005, 75075)
 
 
 def test_layers_apply_in_order(tmp_path: Path) -> None:
