@@ -154,7 +154,7 @@ class OnlineSwAV:
                 if scores.dtype == torch.float32:
                     out = scores[s * batch:(s + 1) * batch].detach()  # (B, K)
                 else:
-                    # Under autocast the scores are bfloat16: their rounding moves the codes ~5x more than
+                    # Under autocast the scores are bfloat16: their rounding moves the codes 2.5-4.7x more than
                     # float32 scores of the same (bfloat16) embeddings do (`streamssl bench sinkhorn`), and the
                     # queue's rows are scored in float32 too. One (B x D x K) matmul buys that back.
                     out = emb[s * batch:(s + 1) * batch].detach().float() @ protos.T  # (B, K)
