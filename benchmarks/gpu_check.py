@@ -94,9 +94,9 @@ def check_environment(cfg: Config, device: torch.device, quick: bool) -> dict[st
 
 
 def check_learner(cfg: Config, device: torch.device, quick: bool) -> dict[str, Any]:
-    from streamssl.learner import OnlineSwAV
+    from streamssl.engine import Learner
 
-    learner = OnlineSwAV(cfg.model, cfg.learner, device=device)
+    learner = Learner.build(cfg.model, cfg.learner, device=device)
     conv_dtypes: set[torch.dtype] = set()
     hook = learner.model.trunk.conv1.register_forward_hook(lambda m, i, out: conv_dtypes.add(out.dtype))
     views = _views(cfg, device)
@@ -111,8 +111,7 @@ def check_learner(cfg: Config, device: torch.device, quick: bool) -> dict[str, A
     stats = [learner.step(views, progress=0.0) for _ in range(steps)]
     _sync(device)
     wall = (time.perf_counter() - start) / steps
-    split = {name: round(sum(getattr(s, name) for s in stats) / steps, 5)
-             for name in ("trunk_s", "sinkhorn_s", "loss_s", "optim_s", "normalize_s", "queue_s")}
+    split = {name: round(sum(s.times[name] for s in stats) / steps, 5) for name in stats[-1].times}
     result = {
         "arch": cfg.model.arch, "batch_size": cfg.learner.batch_size, "steps": steps,
         "images_per_s": round(cfg.learner.batch_size / wall, 1), "step_s_wall": round(wall, 4),
@@ -146,10 +145,10 @@ def check_sinkhorn(cfg: Config, device: torch.device, quick: bool) -> dict[str, 
 
 def check_resume(cfg: Config, device: torch.device, quick: bool) -> dict[str, Any]:
     from streamssl.checkpoint import CheckpointManager, rng_state, set_rng_state
-    from streamssl.learner import OnlineSwAV
+    from streamssl.engine import Learner
 
     small = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, batch_size=8))
-    learner = OnlineSwAV(small.model, small.learner, device=device)
+    learner = Learner.build(small.model, small.learner, device=device)
     views = _views(small, device)
     learner.step(views)
     with tempfile.TemporaryDirectory() as folder:
@@ -157,7 +156,7 @@ def check_resume(cfg: Config, device: torch.device, quick: bool) -> dict[str, An
         path = manager.save({"learner": learner.state_dict(), "rng": rng_state()}, learner.step_count)
         state = manager.load(map_location="cpu")  # as the daemon loads it: RNG states must stay CPU tensors
         assert state is not None
-        resumed = OnlineSwAV(small.model, small.learner, device=device)
+        resumed = Learner.build(small.model, small.learner, device=device)
         resumed.load_state_dict(state["learner"])
         set_rng_state(state["rng"])
     same = all(torch.equal(a, b) for a, b in zip(learner.model.state_dict().values(),

@@ -16,49 +16,49 @@ import torch
 
 from streamssl.config import Config
 from streamssl.devices import pick_device, use_device
-from streamssl.learner import OnlineSwAV
+from streamssl.engine import Learner
 
 
 def bench_learner(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
     """Time ``steps`` learner steps (after ``warmup`` untimed ones) on random views of the configured shapes.
 
-    Returns a JSON-able dict: step time, images/s and the share of the step spent in SwAV's own parts
-    (Sinkhorn with the queue's scores, queue push, prototype normalisation, loss) next to the network.
+    Returns a JSON-able dict: step time, images/s, the time of every part of the step and the share spent in
+    the method's own parts beyond the network (SwAV: Sinkhorn with the queue's scores, loss, prototype
+    normalisation and queue push).
     """
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = pick_device(cfg.run.device)
-    learner = OnlineSwAV(cfg.model, cfg.learner, device=device)
+    learner = Learner.build(cfg.model, cfg.learner, device=device)
+    queue = getattr(learner.method, "queue", None)
     batch = cfg.learner.batch_size
     generator = torch.Generator().manual_seed(0)
     use_device(device)
     # On the device before the clock starts: the learner is timed, not the copy of its input.
     views = [torch.randn(batch, 3, size, size, generator=generator).to(device)
              for size, count in zip(cfg.augment.sizes, cfg.augment.n_views, strict=True) for _ in range(count)]
-    if learner.queue is not None:  # measure the steady state: a full queue taking part in Sinkhorn
-        learner.queue.start_step = 0
-        learner.queue.filled = learner.queue.length
-        learner.queue.rows.copy_(torch.nn.functional.normalize(torch.randn_like(learner.queue.rows), dim=2))
+    if queue is not None:  # measure the steady state: a full queue taking part in Sinkhorn
+        queue.start_step = 0
+        queue.filled = queue.length
+        queue.rows.copy_(torch.nn.functional.normalize(torch.randn_like(queue.rows), dim=2))
     for _ in range(warmup):
         learner.step(views, progress=0.0)  # progress: any value for the budget schedule; timing ignores the lr
     stats = [learner.step(views, progress=0.0) for _ in range(steps)]
     total = statistics.fmean(s.total_s for s in stats)
 
-    def mean(name: str) -> float:
-        return statistics.fmean(getattr(s, name) for s in stats)
-
-    swav = statistics.fmean(s.swav_s for s in stats)
+    method_s = statistics.fmean(s.method_s for s in stats)
     return {
         "benchmark": "learner",
         "device": str(device), "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "arch": cfg.model.arch, "batch_size": batch, "views": [list(cfg.augment.n_views), list(cfg.augment.sizes)],
+        "method": learner.method.name, "arch": cfg.model.arch, "batch_size": batch,
+        "views": [list(cfg.augment.n_views), list(cfg.augment.sizes)],
         "n_prototypes": cfg.model.n_prototypes, "queue_length": cfg.learner.queue_length,
-        "embed_dim": learner.model.embed_dim, "bf16": learner.use_bf16, "channels_last": cfg.model.channels_last,
+        "embed_dim": getattr(learner.method, "embed_dim", None), "bf16": learner.use_bf16,
+        "channels_last": cfg.model.channels_last,
         "steps": steps, "step_s": round(total, 4), "images_per_s": round(batch / total, 2),
-        "swav_share": round(swav / total, 5),
-        "breakdown_s": {name: round(mean(name), 5) for name in
-                        ("trunk_s", "sinkhorn_s", "loss_s", "queue_s", "normalize_s", "optim_s")},
-        "queue_used": stats[-1].queue_used,
+        "method_share": round(method_s / total, 5),
+        "breakdown_s": {name: round(statistics.fmean(s.times[name] for s in stats), 5) for name in stats[-1].times},
+        "queue_used": queue is not None and queue.active(learner.step_count),
     }
 
 

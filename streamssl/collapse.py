@@ -1,16 +1,19 @@
-"""Collapse: noticing it, and a documented way back.
+"""Collapse: noticing it, and a documented way back, for any method.
 
-SwAV collapses when every image lands on the same few prototypes: the representation stops carrying
-information while the loss can still look fine. The sign is the batch's hard code histogram: its entropy
-falls towards 0 and the number of prototypes in use towards 1 (``StepStats.code_entropy``). Healthy runs keep
-it near its maximum ln(min(images per step x assignment views, K)).
+A self-supervised method collapses when its representation stops carrying information while the loss can
+still look fine: SwAV puts every image on the same few prototypes (the entropy of the batch's hard code
+histogram falls towards 0); contrastive and BYOL-style methods map every image to nearly the same embedding
+(the spread of the embeddings across the batch falls towards 0). Each method names the diagnostic that shows
+it (``Method.health``) and its healthy ceiling (``Method.health_max``: ln(min(images x assignment views, K))
+for SwAV's code entropy).
 
-Detection: entropy below ``min_entropy_ratio`` x that maximum for ``patience_steps`` consecutive steps.
+Detection: the signal below ``min_entropy_ratio`` x that ceiling for ``patience_steps`` consecutive steps.
 
 Recovery (applied by the daemon): roll the learner back to the last in-memory snapshot taken while healthy
-(model, optimizer, queue), then for ``recovery_steps`` keep the prototypes frozen and Sinkhorn's eps lowered
-by ``epsilon_factor``: the paper's own early-training stabiliser and a sharper equipartition both push samples
-apart while the trunk finds its way again. If collapse returns after the recovery, it is recovered again (and
+(network, optimizer, method state), then for ``recovery_steps`` let the method do what stabilises it
+(``Method.start_recovery``; SwAV keeps the prototypes frozen and Sinkhorn's eps lowered by
+``epsilon_factor``: the paper's own early-training stabiliser and a sharper equipartition both push samples
+apart while the trunk finds its way again). If collapse returns after the recovery, it is recovered again (and
 counted): an operator watching the recoveries counter should lower the learning rate.
 
 This module decides; it holds no tensors and touches no learner state.
@@ -18,7 +21,6 @@ This module decides; it holds no tensors and touches no learner state.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -32,17 +34,12 @@ class Action(Enum):
     RECOVERED = "recovered"  # the recovery period ended
 
 
-def max_code_entropy(n_images: int, n_assign: int, n_prototypes: int) -> float:
-    """Largest possible entropy of a hard code histogram over n_images x n_assign codes."""
-    return math.log(max(2, min(n_images * n_assign, n_prototypes)))
-
-
 @dataclass
 class CollapseMonitor:
-    """Feed it each step's code entropy; it says when to snapshot, recover, and when a recovery ended."""
+    """Feed it each step's health signal; it says when to snapshot, recover, and when a recovery ended."""
 
     cfg: CollapseConfig
-    max_entropy: float
+    healthy: float  # the signal's healthy ceiling (Method.health_max)
     low_steps: int = 0  # consecutive steps below the threshold
     recovering_until: int = -1  # step at which the current recovery ends (-1: none)
     last_snapshot_step: int = -1
@@ -56,10 +53,10 @@ class CollapseMonitor:
         """True from detection to the end of the recovery."""
         return self.recovering_until >= 0
 
-    def update(self, step: int, code_entropy: float) -> Action:
+    def update(self, step: int, value: float) -> Action:
         if not self.enabled:
             return Action.NONE
-        low = code_entropy < self.cfg.min_entropy_ratio * self.max_entropy
+        low = value < self.cfg.min_entropy_ratio * self.healthy
         self.low_steps = self.low_steps + 1 if low else 0
         if self.recovering_until >= 0:
             if step >= self.recovering_until:

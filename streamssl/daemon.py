@@ -38,12 +38,12 @@ from torch import Tensor
 
 from streamssl.augment import make_multicrop
 from streamssl.checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError, rng_state, set_rng_state
-from streamssl.collapse import Action, CollapseMonitor, max_code_entropy
+from streamssl.collapse import Action, CollapseMonitor
 from streamssl.config import Config
 from streamssl.devices import pick_device, use_device
+from streamssl.engine import ENGINE_PARTS, Learner, StepStats
 from streamssl.errors import RuntimeFailure, StreamsslError
 from streamssl.feeder import END, Batch, Feeder
-from streamssl.learner import OnlineSwAV, StepStats
 from streamssl.metrics import Metrics, MetricsServer
 from streamssl.probe import LiveProbe
 from streamssl.progress import History, format_progress
@@ -97,9 +97,11 @@ class Daemon:
         use_device(self.device)
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
         self.checkpoints.prepare()  # a folder that cannot hold checkpoints stops the run now, not at its end
-        self.learner = OnlineSwAV(cfg.model, cfg.learner, device=self.device)
+        self.learner = Learner.build(cfg.model, cfg.learner, device=self.device)
+        method = self.learner.method
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = Metrics(self.registry, arch=cfg.model.arch)
+        self.metrics = Metrics(self.registry, arch=cfg.model.arch, parts=method.parts + ENGINE_PARTS,
+                               diagnostics=[(d.name, d.metric, d.help) for d in method.diagnostics])
         self.learner_id = f"{socket.gethostname()}-{os.getpid()}"
         self.store = open_store(cfg.store, local_dir=os.path.join(cfg.checkpoint.dir, "store"),
                                 writer=self.learner_id)
@@ -123,8 +125,7 @@ class Daemon:
         self._last_heartbeat = 0.0
         self._published: Tensor | None = None
         self.history = History(os.path.join(cfg.checkpoint.dir, "history.jsonl"))
-        self.monitor = CollapseMonitor(cfg.collapse, max_code_entropy(
-            cfg.learner.batch_size, len(cfg.learner.crops_for_assign), cfg.model.n_prototypes))
+        self.monitor = CollapseMonitor(cfg.collapse, method.health_max(cfg.learner.batch_size))
         self._snapshot: dict[str, Any] | None = None
         self.probe: LiveProbe | None = None
         if cfg.probe.dataset:
@@ -236,7 +237,11 @@ class Daemon:
         return str(path)
 
     def publish_prototypes(self) -> None:
-        protos = self.learner.model.prototypes.weight.detach().float().cpu()
+        """The method's published tensor (SwAV's prototypes) to the store; nothing for a method without one."""
+        published = self.learner.method.published()
+        if published is None:
+            return
+        protos = published.detach().float().cpu()
         if self._published is not None:
             drift = 1 - torch.nn.functional.cosine_similarity(protos, self._published, dim=1).mean()
             self.metrics.prototype_drift(float(drift))
@@ -253,30 +258,32 @@ class Daemon:
 
     def watch_collapse(self, stats: StepStats) -> None:
         """Snapshot while healthy; on collapse roll back and start a recovery (collapse.py explains it)."""
-        action = self.monitor.update(stats.step, stats.code_entropy)
         learner, cfg = self.learner, self.cfg
+        health = learner.method.health
+        if health is None or health not in stats.diagnostics:
+            return
+        value = stats.diagnostics[health]
+        action = self.monitor.update(stats.step, value)
         if action is Action.SNAPSHOT:
             self._snapshot = copy.deepcopy(learner.state_dict())
         elif action is Action.RECOVER:
             collapsed_at = learner.step_count
             if self._snapshot is not None:
                 learner.load_state_dict(copy.deepcopy(self._snapshot))
-            learner.frozen_until = learner.step_count + cfg.collapse.recovery_steps
-            learner.epsilon = cfg.learner.epsilon * cfg.collapse.epsilon_factor
+            what = learner.method.start_recovery(learner.step_count, cfg.collapse.recovery_steps,
+                                                 cfg.collapse.epsilon_factor)
             self.monitor.start_recovery(learner.step_count)
             self.metrics.collapse(True)
             self.metrics.collapse_recovered()
             self.history.event({"time": round(time.time(), 3), "event": "collapse", "step": collapsed_at,
-                                "rolled_back_to": learner.step_count, "code_entropy": stats.code_entropy})
-            log.warning("collapse at step %d (code entropy %.3f for %d steps): rolled back to step %d, prototypes "
-                        "frozen and eps %.3f for %d steps", collapsed_at, stats.code_entropy,
-                        cfg.collapse.patience_steps, learner.step_count, learner.epsilon,
-                        cfg.collapse.recovery_steps)
+                                "rolled_back_to": learner.step_count, health: value})
+            log.warning("collapse at step %d (%s %.3f for %d steps): rolled back to step %d, %s", collapsed_at,
+                        health.replace("_", " "), value, cfg.collapse.patience_steps, learner.step_count, what)
         elif action is Action.RECOVERED:
-            learner.epsilon = cfg.learner.epsilon
+            what = learner.method.end_recovery()
             self.metrics.collapse(False)
             self.history.event({"time": round(time.time(), 3), "event": "recovered", "step": learner.step_count})
-            log.info("collapse recovery over at step %d; eps back to %.3f", learner.step_count, learner.epsilon)
+            log.info("collapse recovery over at step %d; %s", learner.step_count, what)
 
     def run_probe(self) -> None:
         assert self.probe is not None
@@ -389,10 +396,8 @@ class Daemon:
                 window_images += stats.n_images
                 window_wait += wait_s
                 self.metrics.observe_step(n_images=stats.n_images, loss=stats.loss, lr=stats.lr,
-                                          code_entropy=stats.code_entropy,
-                                          n_prototypes_in_use=stats.n_prototypes_in_use,
-                                          queue_fill=stats.queue_fill, step_s=stats.total_s, data_wait_s=wait_s,
-                                          sinkhorn_s=stats.sinkhorn_s, skipped=stats.skipped)
+                                          step_s=stats.total_s, data_wait_s=wait_s, skipped=stats.skipped,
+                                          diagnostics=stats.diagnostics, parts=stats.times)
                 if self.stream is not None:
                     self.metrics.set_source_idle(self.stream.idle_seconds())
                 step = stats.step
@@ -406,7 +411,8 @@ class Daemon:
                     elapsed = time.monotonic() - window_start
                     self.metrics.set_data_wait_share(window_wait / elapsed)
                     self.echo(format_progress(stats, window_images / elapsed, window_wait / elapsed,
-                                              cfg.model.n_prototypes, self.learner.n_skipped))
+                                              self.learner.method.diagnostics, self.learner.n_skipped,
+                                              limits={"prototypes_in_use": f"/{cfg.model.n_prototypes}"}))
                     self.history.write(stats, images=self.images, images_per_s=window_images / elapsed,
                                        data_wait=window_wait / elapsed, skipped_steps=self.learner.n_skipped)
                     window_images, window_wait, window_start = 0, 0.0, time.monotonic()

@@ -239,14 +239,20 @@ def linear_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
 def load_trunk(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """The trunk of a streamssl checkpoint (weights only, no code run) and the run's configuration dict."""
     from streamssl.checkpoint import CheckpointError, load_checkpoint
-    from streamssl.config import ModelConfig
-    from streamssl.model import SwAVModel
+    from streamssl.config import LearnerConfig, ModelConfig
+    from streamssl.methods import make_method
 
     state = load_checkpoint(checkpoint, map_location="cpu")
     try:
         config = state["config"]
-        model = SwAVModel(ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in config["model"].items()}))
+
+        def section(cls: type, name: str) -> Any:
+            fields = cls.__dataclass_fields__
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config[name].items() if k in fields})
+
+        # the method the checkpoint was trained with (SwAV before there were others), built as it was
+        model = make_method(section(ModelConfig, "model"), section(LearnerConfig, "learner"),
+                            device=torch.device("cpu"))
         model.load_state_dict(state["learner"]["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{checkpoint}: its model cannot be rebuilt ({type(exc).__name__}: "

@@ -12,13 +12,16 @@ streamssl_source_shards_total (counter)                 shards fully consumed
 streamssl_samples_bad_total (counter; reason)           samples dropped, by reason (one of BAD_REASONS)
 streamssl_learner_steps_total (counter)                 learner steps done, skipped ones included
 streamssl_learner_skipped_steps_total (counter)         steps whose update was skipped (non-finite)
-streamssl_learner_loss (gauge)                          swapped-prediction loss, last finite value
+streamssl_learner_loss (gauge)                          the method's loss, last finite value
 streamssl_learner_learning_rate (gauge)                 learning rate of the last step
 streamssl_learner_step_seconds (histogram)              time of one learner step, data wait excluded
 streamssl_learner_data_wait_seconds (histogram)         time waiting for the next batch of views
 streamssl_learner_data_wait_ratio (gauge)               share of wall time spent waiting for data (0..1)
                                                         over the daemon's last progress interval
-streamssl_learner_sinkhorn_seconds (histogram)          Sinkhorn time of one step, queue scores included
+streamssl_learner_part_seconds (histogram; part)        time of one part of a step: the method's parts
+                                                        (SwAV: forward, sinkhorn, loss), then backward,
+                                                        optim, update
+(the method's diagnostics: one gauge each, declared by the method; SwAV's:)
 streamssl_learner_queue_fill_ratio (gauge)              queue fill, 0..1 (0 without a queue)
 streamssl_learner_code_entropy_nats (gauge)             entropy of the batch's hard code histogram;
                                                         near 0 means collapse
@@ -64,7 +67,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -85,7 +88,8 @@ BAD_REASONS: tuple[str, ...] = (*SAMPLE_REASONS, OTHER)
 # waiting for data is ~0 when the pipeline keeps up; Sinkhorn is milliseconds unless K or the queue is huge.
 STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-SINKHORN_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+PART_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                  10.0)
 
 
 def _finite(x: float) -> bool:
@@ -106,10 +110,13 @@ class Metrics:
     Args:
         registry: the registry to register on (one per daemon; a fresh one per test).
         arch: model trunk architecture for the build-info metric (``cfg.model.arch``).
+        diagnostics: the method's diagnostics as (key, gauge name, help): one gauge each, fixed for the run.
+        parts: the names of a step's timed parts (the ``part`` label's values).
         clock: monotonic clock for the health rule (injectable for tests).
     """
 
     def __init__(self, registry: CollectorRegistry, *, arch: str = "unknown",
+                 diagnostics: Sequence[tuple[str, str, str]] = (), parts: Sequence[str] = (),
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self._clock = clock
@@ -129,7 +136,8 @@ class Metrics:
         self.steps = Counter("streamssl_learner_steps", "Learner steps done, skipped ones included.", registry=r)
         self.skipped_steps = Counter("streamssl_learner_skipped_steps", "Steps whose update was skipped because "
                                      "the loss or gradients were not finite.", registry=r)
-        self.loss = Gauge("streamssl_learner_loss", "Swapped-prediction loss of the last step with a finite loss.",
+        self.loss = Gauge("streamssl_learner_loss", "The method's loss (SwAV: swapped prediction) of the last step "
+                          "with a finite loss.",
                           registry=r)
         self.learning_rate = Gauge("streamssl_learner_learning_rate", "Learning rate of the last step.", registry=r)
         self.step_time = Histogram("streamssl_learner_step_seconds", "Time of one learner step (forward, Sinkhorn, "
@@ -140,14 +148,13 @@ class Metrics:
                                    buckets=WAIT_BUCKETS_S, registry=r)
         self.data_wait_share = Gauge("streamssl_learner_data_wait_ratio", "Share of wall time spent waiting for "
                                      "data over the last progress interval, 0..1.", registry=r)
-        self.sinkhorn_time = Histogram("streamssl_learner_sinkhorn_seconds", "Sinkhorn-Knopp time of one step, "
-                                       "queue scores included.", buckets=SINKHORN_BUCKETS_S, registry=r)
-        self.queue_fill = Gauge("streamssl_learner_queue_fill_ratio", "Feature queue fill, 0..1 (0 without a "
-                                "queue).", registry=r)
-        self.code_entropy = Gauge("streamssl_learner_code_entropy_nats", "Entropy of the batch's hard code "
-                                  "histogram in nats; near 0 means collapse (at most log(min(B, K))).", registry=r)
-        self.prototypes_in_use = Gauge("streamssl_learner_prototypes_in_use", "Distinct prototypes that are some "
-                                       "sample's argmax code in the last batch.", registry=r)
+        self.part_time = Histogram("streamssl_learner_part_seconds", "Time of one part of a learner step (the "
+                                   "method's parts, then backward, optim, update).", ["part"],
+                                   buckets=PART_BUCKETS_S, registry=r)
+        self._parts = {name: self.part_time.labels(name) for name in parts}
+        # The method's diagnostics, declared up front: (key, metric name, help). Ratios are clamped to 0..1.
+        self._diagnostics = {key: (Gauge(metric, help, registry=r), metric.endswith("_ratio"))
+                             for key, metric, help in diagnostics}
         self.drift = Gauge("streamssl_learner_prototype_drift", "Mean (1 - cosine) between matching prototypes of "
                            "the last two published versions; 0 means frozen.", registry=r)
         self.collapsed = Gauge("streamssl_learner_collapsed", "1 while the daemon detects collapse, else 0.",
@@ -184,35 +191,35 @@ class Metrics:
 
     # -- called by the daemon ------------------------------------------------------------------------------
 
-    def observe_step(self, *, n_images: int, loss: float, lr: float, code_entropy: float,
-                     n_prototypes_in_use: int, queue_fill: float, step_s: float, data_wait_s: float,
-                     sinkhorn_s: float, skipped: bool) -> None:
+    def observe_step(self, *, n_images: int, loss: float, lr: float, step_s: float, data_wait_s: float,
+                     skipped: bool, diagnostics: Mapping[str, float] | None = None,
+                     parts: Mapping[str, float] | None = None) -> None:
         """Record one completed learner step.
 
         Args:
             n_images: images in the batch (B).
-            loss: swapped-prediction loss; a non-finite value leaves the loss gauge unchanged.
+            loss: the method's loss; a non-finite value leaves the loss gauge unchanged.
             lr: learning rate used.
-            code_entropy: entropy of the hard code histogram, nats.
-            n_prototypes_in_use: distinct argmax codes in the batch.
-            queue_fill: 0..1.
             step_s: learner step time, data wait excluded.
             data_wait_s: time spent waiting for this step's views.
-            sinkhorn_s: Sinkhorn time within the step.
             skipped: the update was skipped (non-finite loss or gradients).
+            diagnostics: the method's numbers by key; keys not declared at construction are ignored.
+            parts: seconds per part of the step; parts not declared at construction are ignored.
         """
         self.steps.inc()
         self.images.inc(max(0, int(n_images)))
         if skipped:
             self.skipped_steps.inc()
-        for gauge, value in ((self.loss, loss), (self.learning_rate, lr), (self.code_entropy, code_entropy),
-                             (self.prototypes_in_use, n_prototypes_in_use)):
+        for gauge, value in ((self.loss, loss), (self.learning_rate, lr)):
             if _finite(value):
                 gauge.set(value)
-        if _finite(queue_fill):
-            self.queue_fill.set(_ratio(queue_fill))
-        for hist, seconds in ((self.step_time, step_s), (self.data_wait, data_wait_s),
-                              (self.sinkhorn_time, sinkhorn_s)):
+        for key, value in (diagnostics or {}).items():
+            if key in self._diagnostics and _finite(value):
+                gauge, ratio = self._diagnostics[key]
+                gauge.set(_ratio(value) if ratio else value)
+        observed = [(self.step_time, step_s), (self.data_wait, data_wait_s)]
+        observed += [(self._parts[k], v) for k, v in (parts or {}).items() if k in self._parts]
+        for hist, seconds in observed:
             if _finite(seconds):
                 hist.observe(max(0.0, seconds))
         self.last_step_time.set(time.time())

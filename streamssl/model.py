@@ -1,20 +1,17 @@
-"""The SwAV network: ResNet trunk -> projection head -> L2-normalised embedding -> prototypes.
+"""The networks' parts every method builds from: a ResNet trunk and a projection head.
 
 Follows the SwAV authors' ``resnet50.py``: the trunk is a torchvision ResNet without its classifier; the head
-is Linear-BN-ReLU-Linear (or one Linear, or nothing); prototypes are a bias-free Linear whose rows the learner
-renormalises before every step, so scores are cosine similarities in [-1, 1]. The multi-resolution forward
-sends views of equal size through the trunk together (one batch-norm batch per resolution), as in the paper.
+is Linear-BN-ReLU-Linear (or one Linear, or nothing). Each method (methods/) puts them together with what it
+needs beside them (SwAV's prototypes, a predictor, a momentum encoder).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 import torchvision
-from torch import Tensor, nn
+from torch import nn
 from torchvision.models import resnet
 
 from streamssl.config import ModelConfig
@@ -74,46 +71,3 @@ def make_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
         return nn.Linear(in_dim, out_dim)
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, out_dim))
-
-
-class SwAVModel(nn.Module):
-    """Trunk, head and prototypes.
-
-    ``forward(views)`` takes a list of V view batches [(B, 3, H_v, W_v)] and returns
-    ``(embeddings, scores)``: (V*B, D) L2-normalised embeddings and (V*B, K) prototype scores, view-major.
-    """
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.trunk = make_trunk(cfg.arch, small_stem=cfg.small_stem, stem_stride=cfg.stem_stride,
-                                stem_pool=cfg.stem_pool)
-        self.feature_dim = TRUNK_DIMS[cfg.arch]
-        self.head = make_head(self.feature_dim, cfg.hidden_dim, cfg.out_dim)
-        self.embed_dim = cfg.out_dim or self.feature_dim
-        self.prototypes = nn.Linear(self.embed_dim, cfg.n_prototypes, bias=False)
-        self.normalize_prototypes()
-
-    @torch.no_grad()
-    def normalize_prototypes(self) -> None:
-        """L2-normalise every prototype (row of the weight), in place."""
-        w = self.prototypes.weight
-        w.copy_(F.normalize(w.float(), dim=1).to(w.dtype))
-
-    def features(self, views: Sequence[Tensor]) -> Tensor:
-        """(V*B, F) trunk features; consecutive views of equal size share one trunk call."""
-        out: list[Tensor] = []
-        start = 0
-        while start < len(views):
-            end = start
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
-            batch = torch.cat(list(views[start:end])) if end - start > 1 else views[start]
-            out.append(self.trunk(batch))
-            start = end
-        return torch.cat(out) if len(out) > 1 else out[0]
-
-    def forward(self, views: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        feats = self.features(views)  # (V*B, F)
-        emb = F.normalize(self.head(feats), dim=1)  # (V*B, D)
-        return emb, self.prototypes(emb)  # (V*B, D), (V*B, K)

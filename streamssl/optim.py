@@ -77,8 +77,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "lars": False}]
 
 
-def build_optimizer(model: nn.Module, cfg: LearnerConfig) -> Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(model: nn.Module | list[dict], cfg: LearnerConfig) -> Optimizer:
+    """The configured optimizer over a model's ``param_groups``, or over groups a method made itself."""
+    groups = param_groups(model, cfg.weight_decay) if isinstance(model, nn.Module) else [dict(g) for g in model]
     if cfg.optimizer == "lars":
         return LARS(groups, lr=cfg.base_lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
     for g in groups:

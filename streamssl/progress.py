@@ -6,17 +6,22 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from streamssl.learner import StepStats
+from streamssl.engine import StepStats
+from streamssl.methods.base import Diagnostic
 
 
-def format_progress(stats: StepStats, images_per_s: float, wait_share: float, n_prototypes: int,
-                    skipped: int = 0) -> str:
-    """One concise progress line."""
-    return (f"step {stats.step:>7} | {images_per_s:7.1f} img/s | loss {stats.loss:6.3f} | lr {stats.lr:.2e} | "
-            f"code entropy {stats.code_entropy:5.2f} | prototypes in use {stats.n_prototypes_in_use:>4}/"
-            f"{n_prototypes} | queue {stats.queue_fill:4.0%} | data wait {wait_share:4.0%} | skipped {skipped}")
+def format_progress(stats: StepStats, images_per_s: float, wait_share: float, diagnostics: Sequence[Diagnostic],
+                    skipped: int = 0, *, limits: dict[str, str] | None = None) -> str:
+    """One concise progress line: the generic numbers, then the method's diagnostics as it declares them
+    (``limits``: a suffix per diagnostic, e.g. "/3000" after the prototypes in use)."""
+    fields = [f"step {stats.step:>7}", f"{images_per_s:7.1f} img/s", f"loss {stats.loss:6.3f}", f"lr {stats.lr:.2e}"]
+    for d in diagnostics:
+        if d.name in stats.diagnostics:
+            fields.append(f"{d.label} {d.fmt.format(stats.diagnostics[d.name])}{(limits or {}).get(d.name, '')}")
+    return " | ".join([*fields, f"data wait {wait_share:4.0%}", f"skipped {skipped}"])
 
 
 class History:
@@ -29,8 +34,7 @@ class History:
 
     def write(self, stats: StepStats, **extra: float) -> None:
         record = {"time": round(time.time(), 3), "step": stats.step, "loss": stats.loss, "lr": stats.lr,
-                  "code_entropy": stats.code_entropy, "prototypes_in_use": stats.n_prototypes_in_use,
-                  "queue_fill": stats.queue_fill, **extra}
+                  **stats.diagnostics, **extra}
         self.event(record)
 
     def event(self, record: dict[str, Any]) -> None:

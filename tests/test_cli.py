@@ -87,7 +87,7 @@ def test_bench_learner_prints_json() -> None:
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout)
     assert figures["batch_size"] == 8 and figures["images_per_s"] > 0
-    assert 0 < figures["swav_share"] < 1 and figures["queue_used"] is True
+    assert 0 < figures["method_share"] < 1 and figures["queue_used"] is True
 
 
 def test_console_script_installed() -> None:

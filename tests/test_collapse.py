@@ -9,15 +9,16 @@ from pathlib import Path
 import torch
 from prometheus_client import CollectorRegistry
 
-from streamssl.collapse import Action, CollapseMonitor, max_code_entropy
+from streamssl.collapse import Action, CollapseMonitor
 from streamssl.config import CollapseConfig, resolve
 from streamssl.daemon import Daemon
+from streamssl.methods.swav import max_code_entropy
 from streamssl.synthetic import view_stream
 
 
 def test_monitor_snapshots_when_healthy_and_recovers_after_patience() -> None:
     monitor = CollapseMonitor(CollapseConfig(min_entropy_ratio=0.5, patience_steps=3, snapshot_every_steps=2,
-                                             recovery_steps=5), max_entropy=2.0)
+                                             recovery_steps=5), healthy=2.0)
     actions = [monitor.update(step, 1.8) for step in range(1, 6)]
     assert actions == [Action.SNAPSHOT, Action.NONE, Action.SNAPSHOT, Action.NONE, Action.SNAPSHOT]
     # two low steps then a healthy one: patience restarts
@@ -31,7 +32,7 @@ def test_monitor_snapshots_when_healthy_and_recovers_after_patience() -> None:
 
 
 def test_monitor_off() -> None:
-    monitor = CollapseMonitor(CollapseConfig(min_entropy_ratio=0.0, patience_steps=1), max_entropy=2.0)
+    monitor = CollapseMonitor(CollapseConfig(min_entropy_ratio=0.0, patience_steps=1), healthy=2.0)
     assert all(monitor.update(s, 0.0) is Action.NONE for s in range(10))
 
 
@@ -62,8 +63,8 @@ def test_forced_collapse_is_detected_rolled_back_and_recovered(tmp_path: Path) -
                     learner.model.head[-1].bias.fill_(1.0)
             if daemon.monitor.collapsed:
                 seen["recovered"] = True
-                seen.setdefault("eps", learner.epsilon)
-                seen.setdefault("frozen_until", learner.frozen_until)
+                seen.setdefault("eps", learner.method.epsilon)
+                seen.setdefault("frozen_until", learner.method.frozen_until)
                 seen.setdefault("collapsed_gauge", registry.get_sample_value("streamssl_learner_collapsed"))
             yield next(normal)
 
@@ -86,5 +87,5 @@ def test_forced_collapse_is_detected_rolled_back_and_recovered(tmp_path: Path) -
     assert after[0][0] == collapse["rolled_back_to"] + 1  # training went on from the snapshot
     assert all(h > threshold for _, h in after)  # and stayed spread over prototypes
     assert after[-1][0] == 20
-    assert daemon.learner.epsilon == cfg.learner.epsilon  # recovery over: eps restored
+    assert daemon.learner.method.epsilon == cfg.learner.epsilon  # recovery over: eps restored
     assert registry.get_sample_value("streamssl_learner_collapsed") == 0

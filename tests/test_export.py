@@ -13,10 +13,10 @@ from torch import nn
 
 from streamssl.checkpoint import CheckpointManager, rng_state
 from streamssl.config import resolve
+from streamssl.engine import Learner
 from streamssl.errors import UsageError
 from streamssl.eval import load_trunk
 from streamssl.export import export, torchvision_model
-from streamssl.learner import OnlineSwAV
 from streamssl.synthetic import view_stream
 
 
@@ -28,7 +28,7 @@ def make_checkpoint(folder: Path, small_stem: bool, stem_stride: int = 1, stem_p
         "augment.sizes=[32,16]",
         "model.n_prototypes=16", "model.hidden_dim=32", "model.out_dim=16", "learner.batch_size=8",
         "learner.optimizer=sgd", "learner.base_lr=0.1", "learner.warmup_steps=0"])
-    learner = OnlineSwAV(cfg.model, cfg.learner)
+    learner = Learner.build(cfg.model, cfg.learner)
     views = view_stream(8, (32, 16), (2, 6))
     for _ in range(2):  # trained a little, so BN statistics are not the defaults
         learner.step(next(views))

@@ -1,4 +1,5 @@
-"""OnlineSwAV: learns clustered images without collapse; freezing, the NaN guard, the queue, state round trip."""
+"""The engine with SwAV: learns clustered images without collapse; freezing, the NaN guard, the queue, state round
+trip, bf16, the reads of the device a step."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import streamssl.learner as learner_module
+import streamssl.engine as engine_module
+import streamssl.methods.swav as swav_module
 from streamssl.config import LearnerConfig, ModelConfig
 from streamssl.devices import native_bf16
-from streamssl.learner import OnlineSwAV
+from streamssl.engine import Learner
 from streamssl.synthetic import view_stream
 
 MODEL = ModelConfig(arch="resnet18", hidden_dim=128, out_dim=32, n_prototypes=32)
@@ -23,28 +25,28 @@ def stream(batch: int = 32, seed: int = 0):
     return view_stream(batch, (32, 16), (2, 2), n_clusters=4, image_size=48, seed=seed)
 
 
-def params(learner: OnlineSwAV) -> dict[str, torch.Tensor]:
+def params(learner: Learner) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
 
 
 def test_loss_drops_well_below_log_k_without_collapse() -> None:
-    learner = OnlineSwAV(MODEL, LEARNER)
+    learner = Learner.build(MODEL, LEARNER)
     views = stream()
     stats = [learner.step(next(views)) for _ in range(60)]
     log_k = math.log(MODEL.n_prototypes)
     late = sum(s.loss for s in stats[-10:]) / 10
     assert late < 0.8 * log_k, (late, log_k)
     # collapse would put every image on one prototype (entropy 0); 4 true clusters need at least ln 4
-    assert min(s.code_entropy for s in stats) > math.log(4)
-    assert min(s.n_prototypes_in_use for s in stats) >= 4
+    assert min(s.diagnostics["code_entropy"] for s in stats) > math.log(4)
+    assert min(s.diagnostics["prototypes_in_use"] for s in stats) >= 4
     assert not any(s.skipped for s in stats) and stats[-1].step == 60
     # the timed parts are the step: none of its work escapes the split an operator reads
-    parts = [s.trunk_s + s.swav_s + s.optim_s for s in stats[5:]]
+    parts = [sum(s.times.values()) for s in stats[5:]]
     assert sum(parts) >= 0.7 * sum(s.total_s for s in stats[5:])
 
 
 def test_frozen_prototypes_do_not_move_then_do() -> None:
-    learner = OnlineSwAV(MODEL, LearnerConfig(batch_size=8, optimizer="sgd", base_lr=0.5, warmup_steps=0,
+    learner = Learner.build(MODEL, LearnerConfig(batch_size=8, optimizer="sgd", base_lr=0.5, warmup_steps=0,
                                               freeze_prototypes_steps=3))
     views = stream(8)
     learner.model.normalize_prototypes()
@@ -59,7 +61,7 @@ def test_frozen_prototypes_do_not_move_then_do() -> None:
 
 
 def test_nan_guard_skips_and_leaves_state_untouched() -> None:
-    learner = OnlineSwAV(MODEL, LearnerConfig(batch_size=8, optimizer="lars", base_lr=0.3, warmup_steps=0,
+    learner = Learner.build(MODEL, LearnerConfig(batch_size=8, optimizer="lars", base_lr=0.3, warmup_steps=0,
                                               queue_length=16))
     views = stream(8)
     learner.step(next(views))
@@ -74,7 +76,8 @@ def test_nan_guard_skips_and_leaves_state_untouched() -> None:
         assert torch.equal(after["model"][k], v), k
     for pid, s in state["optimizer"]["state"].items():
         assert torch.equal(after["optimizer"]["state"][pid]["momentum_buffer"], s["momentum_buffer"])
-    assert torch.equal(after["queue"]["rows"], state["queue"]["rows"]) and after["queue"]["ptr"] == 0
+    assert torch.equal(after["extra"]["queue"]["rows"], state["extra"]["queue"]["rows"])
+    assert after["extra"]["queue"]["ptr"] == 0
     inf = next(views)
     inf[0][:] = float("inf")
     assert learner.step(inf).skipped and learner.n_skipped == 2
@@ -83,21 +86,24 @@ def test_nan_guard_skips_and_leaves_state_untouched() -> None:
 
 
 def test_queue_joins_once_full() -> None:
-    learner = OnlineSwAV(MODEL, LearnerConfig(batch_size=8, optimizer="sgd", base_lr=0.1, queue_length=20,
+    learner = Learner.build(MODEL, LearnerConfig(batch_size=8, optimizer="sgd", base_lr=0.1, queue_length=20,
                                               queue_start_step=0))
     views = stream(8)
-    used = [learner.step(next(views)).queue_used for _ in range(5)]
+    used = []
+    for _ in range(5):
+        used.append(learner.method.queue.active(learner.step_count))
+        learner.step(next(views))
     # 8 + 8 < 20 rows after two steps; full after the third push, so the fourth step uses it
     assert used == [False, False, False, True, True]
 
 
 def test_state_round_trip_continues_identically() -> None:
     cfg = LearnerConfig(batch_size=8, optimizer="lars", base_lr=0.3, warmup_steps=4, queue_length=16)
-    a = OnlineSwAV(MODEL, cfg)
+    a = Learner.build(MODEL, cfg)
     views = list(zip(range(6), stream(8), strict=False))
     for _, v in views[:3]:
         a.step(v)
-    b = OnlineSwAV(MODEL, LearnerConfig(**{**cfg.__dict__, "seed": 7}))  # different init, overwritten
+    b = Learner.build(MODEL, LearnerConfig(**{**cfg.__dict__, "seed": 7}))  # different init, overwritten
     b.load_state_dict(copy.deepcopy(a.state_dict()))
     for _, v in views[3:]:
         sa, sb = a.step(v), b.step(v)
@@ -108,7 +114,7 @@ def test_state_round_trip_continues_identically() -> None:
 
 def test_bf16_and_channels_last_step() -> None:
     model = ModelConfig(arch="resnet18", hidden_dim=64, out_dim=16, n_prototypes=16, channels_last=True)
-    learner = OnlineSwAV(model, LearnerConfig(batch_size=8, optimizer="sgd", base_lr=0.1, bf16=True))
+    learner = Learner.build(model, LearnerConfig(batch_size=8, optimizer="sgd", base_lr=0.1, bf16=True))
     learner.use_bf16 = True  # exercise autocast even on a CPU that only emulates bfloat16
     seen: list[torch.dtype] = []
     hook = learner.model.trunk.conv1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
@@ -126,14 +132,14 @@ def test_bf16_and_channels_last_step() -> None:
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_only_where_the_device_has_it(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
                                            native: bool) -> None:
-    monkeypatch.setattr(learner_module, "native_bf16", lambda device: native)
-    monkeypatch.setattr(learner_module, "_warned", set())
+    monkeypatch.setattr(engine_module, "native_bf16", lambda device: native)
+    monkeypatch.setattr(engine_module, "_warned", set())
     model = ModelConfig(arch="resnet18", hidden_dim=0, out_dim=8, n_prototypes=4)
-    with caplog.at_level("WARNING", logger="streamssl.learner"):
-        on = OnlineSwAV(model, LearnerConfig(batch_size=4, bf16=True))
+    with caplog.at_level("WARNING", logger="streamssl.engine"):
+        on = Learner.build(model, LearnerConfig(batch_size=4, bf16=True))
     assert on.use_bf16 is native
     assert ("no native bfloat16" in caplog.text) is not native
-    assert OnlineSwAV(model, LearnerConfig(batch_size=4, bf16=False)).use_bf16 is False
+    assert Learner.build(model, LearnerConfig(batch_size=4, bf16=False)).use_bf16 is False
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the Linux CPU flags")
@@ -163,25 +169,26 @@ class _Readbacks:
 def test_a_step_reads_the_device_twice_whatever_its_parts(monkeypatch: pytest.MonkeyPatch, optimizer: str) -> None:
     """One wait before the update (may it be applied?) and one for the step's numbers: no per-part
     synchronisation, none in Sinkhorn, the code statistics or the optimizer."""
-    learner = OnlineSwAV(MODEL, LearnerConfig(batch_size=8, optimizer=optimizer, queue_length=16,
+    learner = Learner.build(MODEL, LearnerConfig(batch_size=8, optimizer=optimizer, queue_length=16,
                                               queue_start_step=0, crops_for_assign=(0, 1)))
     views = stream(8)
     for _ in range(3):  # the queue fills and joins Sinkhorn
         learner.step(next(views))
     batch = next(views)
+    assert learner.method.queue.active(learner.step_count)
     readbacks = _Readbacks(monkeypatch)
     stats = learner.step(batch)
-    assert stats.queue_used and not stats.skipped
+    assert not stats.skipped
     assert readbacks.count == 2
 
 
 def test_under_bf16_the_codes_come_from_float32_scores(monkeypatch: pytest.MonkeyPatch) -> None:
     """Autocast's prototype scores are bfloat16; Sinkhorn gets float32 scores of the same embeddings."""
-    learner = OnlineSwAV(MODEL, LearnerConfig(batch_size=8, optimizer="sgd", bf16=True))
+    learner = Learner.build(MODEL, LearnerConfig(batch_size=8, optimizer="sgd", bf16=True))
     learner.use_bf16 = True  # autocast even on a CPU that only emulates bfloat16
     seen: list[torch.Tensor] = []
-    real = learner_module.sinkhorn
-    monkeypatch.setattr(learner_module, "sinkhorn", lambda scores, **kw: seen.append(scores) or real(scores, **kw))
+    real = swav_module.sinkhorn
+    monkeypatch.setattr(swav_module, "sinkhorn", lambda scores, **kw: seen.append(scores) or real(scores, **kw))
     embeddings: list[torch.Tensor] = []
     hook = learner.model.prototypes.register_forward_hook(lambda m, inputs, out: embeddings.append(inputs[0]))
     protos = learner.model.prototypes.weight.detach().float().clone()  # before the step moves them

@@ -6,10 +6,15 @@ import math
 
 import torch
 
-from streamssl.config import ModelConfig
+from streamssl.config import LearnerConfig, ModelConfig
 from streamssl.loss import swapped_prediction_loss
-from streamssl.model import SwAVModel
+from streamssl.methods.swav import SwAV
 from streamssl.sinkhorn import sinkhorn
+
+
+def swav(cfg: ModelConfig) -> SwAV:
+    """SwAV's network (trunk, head, prototypes) on the CPU."""
+    return SwAV(cfg, LearnerConfig(), device=torch.device("cpu"))
 
 
 def test_uniform_predictions_give_log_k_whatever_the_codes() -> None:
@@ -39,7 +44,7 @@ def test_matches_the_authors_double_loop() -> None:
 
 def test_gradients_flow_only_through_predictions() -> None:
     torch.manual_seed(0)
-    model = SwAVModel(ModelConfig(arch="resnet18", hidden_dim=32, out_dim=16, n_prototypes=10))
+    model = swav(ModelConfig(arch="resnet18", hidden_dim=32, out_dim=16, n_prototypes=10))
     views = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
     _, scores = model(views)
     # codes built from the *live* scores: the loss must still treat them as constants

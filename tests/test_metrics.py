@@ -19,11 +19,17 @@ from prometheus_client import CollectorRegistry
 
 from streamssl import __version__
 from streamssl import metrics as metrics_module
+from streamssl.engine import ENGINE_PARTS
+from streamssl.methods.swav import SwAV
 from streamssl.metrics import BAD_REASONS, Metrics, MetricsServer
 from streamssl.reasons import BAD_REASONS as SAMPLE_REASONS
 
-STEP = {"n_images": 64, "loss": 7.5, "lr": 0.002, "code_entropy": 3.9, "n_prototypes_in_use": 57,
-        "queue_fill": 0.25, "step_s": 0.4, "data_wait_s": 0.05, "sinkhorn_s": 0.002, "skipped": False}
+# SwAV's diagnostics and parts, as the daemon declares them for a SwAV run
+DIAGNOSTICS = [(d.name, d.metric, d.help) for d in SwAV.diagnostics]
+PARTS = (*SwAV.parts, *ENGINE_PARTS)
+STEP = {"n_images": 64, "loss": 7.5, "lr": 0.002, "step_s": 0.4, "data_wait_s": 0.05, "skipped": False,
+        "diagnostics": {"code_entropy": 3.9, "prototypes_in_use": 57, "queue_fill": 0.25},
+        "parts": {"sinkhorn": 0.002, "forward": 0.1}}
 
 
 class FakeClock:
@@ -41,7 +47,7 @@ def registry() -> CollectorRegistry:
 
 @pytest.fixture
 def metrics(registry: CollectorRegistry) -> Metrics:
-    return Metrics(registry, arch="resnet18")
+    return Metrics(registry, arch="resnet18", diagnostics=DIAGNOSTICS, parts=PARTS)
 
 
 def value(registry: CollectorRegistry, name: str, labels: dict[str, str] | None = None) -> float:
@@ -79,14 +85,15 @@ def test_observe_step_sets_every_step_metric(registry: CollectorRegistry, metric
     assert value(registry, "streamssl_learner_step_seconds_sum") == pytest.approx(1.0)
     assert value(registry, "streamssl_learner_step_seconds_bucket", {"le": "0.5"}) == 1
     assert value(registry, "streamssl_learner_data_wait_seconds_sum") == pytest.approx(0.1)
-    assert value(registry, "streamssl_learner_sinkhorn_seconds_count") == 2
-    assert value(registry, "streamssl_learner_sinkhorn_seconds_sum") == pytest.approx(0.004)
+    assert value(registry, "streamssl_learner_part_seconds_count", {"part": "sinkhorn"}) == 2
+    assert value(registry, "streamssl_learner_part_seconds_sum", {"part": "sinkhorn"}) == pytest.approx(0.004)
+    assert value(registry, "streamssl_learner_part_seconds_count", {"part": "backward"}) == 0  # not reported
     assert before <= value(registry, "streamssl_learner_last_step_timestamp_seconds") <= time.time()
 
 
 def test_skipped_step_counts_and_keeps_the_last_finite_gauges(registry: CollectorRegistry, metrics: Metrics) -> None:
     metrics.observe_step(**STEP)
-    metrics.observe_step(**{**STEP, "loss": math.nan, "code_entropy": math.inf, "skipped": True})
+    metrics.observe_step(**{**STEP, "loss": math.nan, "diagnostics": {"code_entropy": math.inf}, "skipped": True})
     assert value(registry, "streamssl_learner_steps_total") == 2
     assert value(registry, "streamssl_learner_skipped_steps_total") == 1
     assert value(registry, "streamssl_learner_images_total") == 128  # the batch was consumed all the same
@@ -95,7 +102,7 @@ def test_skipped_step_counts_and_keeps_the_last_finite_gauges(registry: Collecto
 
 
 def test_ratios_are_clamped_to_0_1(registry: CollectorRegistry, metrics: Metrics) -> None:
-    metrics.observe_step(**{**STEP, "queue_fill": 1.0000001})
+    metrics.observe_step(**{**STEP, "diagnostics": {"queue_fill": 1.0000001}})
     assert value(registry, "streamssl_learner_queue_fill_ratio") == 1.0
     metrics.set_data_wait_share(0.3)
     assert value(registry, "streamssl_learner_data_wait_ratio") == pytest.approx(0.3)
@@ -197,7 +204,7 @@ CALLS: list[tuple[str, Callable[[Metrics], Any], list[tuple[str, dict[str, str]]
         ("streamssl_learner_learning_rate", {}), ("streamssl_learner_code_entropy_nats", {}),
         ("streamssl_learner_prototypes_in_use", {}), ("streamssl_learner_queue_fill_ratio", {}),
         ("streamssl_learner_step_seconds_count", {}), ("streamssl_learner_data_wait_seconds_count", {}),
-        ("streamssl_learner_sinkhorn_seconds_count", {}),
+        ("streamssl_learner_part_seconds_count", {"part": "sinkhorn"}),
         ("streamssl_learner_last_step_timestamp_seconds", {})]),
     ("set_data_wait_share", lambda m: m.set_data_wait_share(0.4), [("streamssl_learner_data_wait_ratio", {})]),
     ("bad_sample", lambda m: m.bad_sample("truncated"), [("streamssl_samples_bad_total", {"reason": "truncated"})]),
@@ -264,7 +271,9 @@ def test_names_follow_the_convention(registry: CollectorRegistry, metrics: Metri
         if "timestamp" in fam.name or "time" in fam.name.split("_"):
             assert fam.name.endswith("_seconds"), fam.name
         labels = {k for s in fam.samples for k in s.labels} - {"le"}
-        assert labels <= {"reason", "version", "arch"}, f"unbounded labels on {fam.name}: {labels}"
+        assert labels <= {"reason", "version", "arch", "part"}, f"unbounded labels on {fam.name}: {labels}"
+        # a step's parts are declared when the metrics are made: never a value from elsewhere
+        assert {s.labels["part"] for s in fam.samples if "part" in s.labels} <= set(PARTS), fam.name
 
 
 def test_module_docstring_lists_every_metric(registry: CollectorRegistry, metrics: Metrics) -> None:
@@ -279,7 +288,8 @@ def test_metrics_is_a_leaf_module() -> None:
     tree = ast.parse(Path(metrics_module.__file__).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    forbidden = {"streamssl.learner", "streamssl.daemon", "streamssl.store", "streamssl.checkpoint", "streamssl.cli",
+    forbidden = {"streamssl.engine", "streamssl.methods", "streamssl.daemon", "streamssl.store",
+                 "streamssl.checkpoint", "streamssl.cli",
                  "torch"}
     assert not {m for m in imported if m in forbidden or m.split(".")[0] == "torch"}
 

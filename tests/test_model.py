@@ -7,8 +7,14 @@ import re
 import pytest
 import torch
 
-from streamssl.config import ModelConfig
-from streamssl.model import SwAVModel, make_trunk
+from streamssl.config import LearnerConfig, ModelConfig
+from streamssl.methods.swav import SwAV
+from streamssl.model import make_trunk
+
+
+def swav(cfg: ModelConfig) -> SwAV:
+    """SwAV's network (trunk, head, prototypes) on the CPU."""
+    return SwAV(cfg, LearnerConfig(), device=torch.device("cpu"))
 
 
 def views(batch: int = 3) -> list[torch.Tensor]:
@@ -19,14 +25,14 @@ def views(batch: int = 3) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("hidden,out,dim", [(64, 16, 16), (0, 16, 16), (64, 0, 512)])
 def test_shapes_and_unit_embeddings(hidden: int, out: int, dim: int) -> None:
-    model = SwAVModel(ModelConfig(arch="resnet18", hidden_dim=hidden, out_dim=out, n_prototypes=7))
+    model = swav(ModelConfig(arch="resnet18", hidden_dim=hidden, out_dim=out, n_prototypes=7))
     emb, scores = model(views())
     assert emb.shape == (15, dim) and scores.shape == (15, 7)
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(15))
 
 
 def test_prototypes_are_renormalised() -> None:
-    model = SwAVModel(ModelConfig(arch="resnet18", hidden_dim=0, out_dim=8, n_prototypes=5))
+    model = swav(ModelConfig(arch="resnet18", hidden_dim=0, out_dim=8, n_prototypes=5))
     with torch.no_grad():
         model.prototypes.weight.mul_(3.0)
     model.normalize_prototypes()
@@ -34,7 +40,7 @@ def test_prototypes_are_renormalised() -> None:
 
 
 def test_views_of_equal_size_share_one_trunk_call() -> None:
-    model = SwAVModel(ModelConfig(arch="resnet18", hidden_dim=0, out_dim=8, n_prototypes=5)).eval()
+    model = swav(ModelConfig(arch="resnet18", hidden_dim=0, out_dim=8, n_prototypes=5)).eval()
     calls: list[tuple[int, ...]] = []
     model.trunk.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
     vs = views()
@@ -47,8 +53,8 @@ def test_views_of_equal_size_share_one_trunk_call() -> None:
 
 
 def test_small_stem_keeps_resolution() -> None:
-    small = SwAVModel(ModelConfig(arch="resnet18", small_stem=True, hidden_dim=0, out_dim=8, n_prototypes=5))
-    plain = SwAVModel(ModelConfig(arch="resnet18", small_stem=False, hidden_dim=0, out_dim=8, n_prototypes=5))
+    small = swav(ModelConfig(arch="resnet18", small_stem=True, hidden_dim=0, out_dim=8, n_prototypes=5))
+    plain = swav(ModelConfig(arch="resnet18", small_stem=False, hidden_dim=0, out_dim=8, n_prototypes=5))
     shapes: dict[str, tuple[int, ...]] = {}
     small.trunk.layer1.register_forward_hook(lambda m, i, o: shapes.__setitem__("small", tuple(o.shape)))
     plain.trunk.layer1.register_forward_hook(lambda m, i, o: shapes.__setitem__("plain", tuple(o.shape)))
@@ -58,7 +64,7 @@ def test_small_stem_keeps_resolution() -> None:
 
 
 def test_stem_stride_halves_resolution() -> None:
-    model = SwAVModel(ModelConfig(arch="resnet18", small_stem=True, stem_stride=2, hidden_dim=0, out_dim=8,
+    model = swav(ModelConfig(arch="resnet18", small_stem=True, stem_stride=2, hidden_dim=0, out_dim=8,
                                   n_prototypes=5))
     shapes: list[tuple[int, ...]] = []
     model.trunk.layer1.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
@@ -91,7 +97,7 @@ def test_resnet10_is_resnet18_with_one_block_per_stage() -> None:
 
 @pytest.mark.parametrize("arch,dim", [("resnet10", 512), ("resnet34", 512), ("resnet50", 2048)])
 def test_other_trunks(arch: str, dim: int) -> None:
-    model = SwAVModel(ModelConfig(arch=arch, hidden_dim=0, out_dim=0, n_prototypes=4))
+    model = swav(ModelConfig(arch=arch, hidden_dim=0, out_dim=0, n_prototypes=4))
     assert model.embed_dim == dim
     emb, scores = model([torch.randn(2, 3, 32, 32)] * 2)
     assert emb.shape == (4, dim) and scores.shape == (4, 4)

@@ -16,6 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from streamssl.config import MetricsConfig
+from streamssl.engine import ENGINE_PARTS
+from streamssl.methods.swav import SwAV
 from streamssl.metrics import Metrics
 
 yaml = pytest.importorskip("yaml")
@@ -33,9 +35,11 @@ METRIC_NAME = re.compile(r"\bstreamssl_[a-z0-9_]*[a-z0-9]")
 def exposition() -> str:
     """The text exposition of a Metrics instance with every method called once (histograms filled)."""
     registry = CollectorRegistry()
-    m = Metrics(registry, arch="resnet18")
-    m.observe_step(n_images=64, loss=7.5, lr=0.002, code_entropy=3.9, n_prototypes_in_use=57, queue_fill=0.25,
-                   step_s=0.4, data_wait_s=0.05, sinkhorn_s=0.002, skipped=False)
+    m = Metrics(registry, arch="resnet18", diagnostics=[(d.name, d.metric, d.help) for d in SwAV.diagnostics],
+                parts=(*SwAV.parts, *ENGINE_PARTS))
+    m.observe_step(n_images=64, loss=7.5, lr=0.002, step_s=0.4, data_wait_s=0.05, skipped=False,
+                   diagnostics={"code_entropy": 3.9, "prototypes_in_use": 57, "queue_fill": 0.25},
+                   parts=dict.fromkeys((*SwAV.parts, *ENGINE_PARTS), 0.002))
     m.set_data_wait_share(0.1)
     m.bad_sample("corrupt")
     m.shard_done()

@@ -59,9 +59,9 @@ def test_daemon_exports_the_probe(tmp_path: Path) -> None:
 
 def probe_alone(tmp_path: Path, cfg, registry) -> float:
     from streamssl.checkpoint import CheckpointManager
-    from streamssl.learner import OnlineSwAV
+    from streamssl.engine import Learner
 
-    learner = OnlineSwAV(cfg.model, cfg.learner)
+    learner = Learner.build(cfg.model, cfg.learner)
     learner.load_state_dict(CheckpointManager(tmp_path / "run").load()["learner"])
     probe = LiveProbe(cfg.probe, size=cfg.augment.sizes[0], mean=cfg.augment.mean, std=cfg.augment.std)
     return probe.measure(learner.model.trunk)[0]

@@ -141,8 +141,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    """The online SwAV objective and its optimisation (learner.py, sinkhorn.py, loss.py, queue.py, optim.py)."""
+    """The method (methods/), its objective and the optimisation (engine.py, optim.py). The SwAV settings
+    (temperature to freeze_prototypes_steps) are here for the SwAV method; each other method has a section."""
 
+    method: str = _f("swav", "The self-supervised method.", choices=("swav",))
     batch_size: int = _f(256, "Images per step (each gives every view).", ge=1)
     temperature: float = _f(0.1, "Softmax temperature of the swapped prediction.", gt=0)
     epsilon: float = _f(0.05, "Sinkhorn entropy regularisation. Lower it (0.03) if codes stay soft; raise "
@@ -270,14 +272,16 @@ class ProbeConfig:
 class CollapseConfig:
     """Collapse detection and recovery (collapse.py)."""
 
-    min_entropy_ratio: float = _f(0.1, "Collapse when code entropy falls below this fraction of its maximum "
-                                  "ln(min(images per step x assignment views, K)) ... 0: detection off.",
+    min_entropy_ratio: float = _f(0.1, "Collapse when the method's health signal (SwAV: code entropy) falls "
+                                  "below this fraction of its healthy ceiling (SwAV: ln(min(images per step x "
+                                  "assignment views, K))) ... 0: detection off.",
                                   ge=0, le=1)
     patience_steps: int = _f(50, "... for this many consecutive steps.", ge=1)
     snapshot_every_steps: int = _f(200, "Keep an in-memory snapshot of a healthy learner this often; recovery "
                                    "rolls back to it.", ge=1)
-    recovery_steps: int = _f(500, "After a rollback, prototypes stay frozen and eps lowered this long.", ge=1)
-    epsilon_factor: float = _f(0.6, "eps is multiplied by this during recovery (sharper, more balanced codes).",
+    recovery_steps: int = _f(500, "After a rollback, the method's recovery lasts this long (SwAV: prototypes "
+                             "frozen, eps lowered).", ge=1)
+    epsilon_factor: float = _f(0.6, "SwAV: eps is multiplied by this during recovery (sharper, more balanced codes).",
                                gt=0, le=1)
 
 

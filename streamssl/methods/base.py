@@ -1,0 +1,111 @@
+"""What a self-supervised method is to the engine (engine.py): a network and an objective with hooks.
+
+A ``Method`` is an ``nn.Module`` that holds everything it trains and everything it keeps between steps (a
+queue, a momentum encoder, prototypes, a memory). Its ``trunk`` attribute is the encoder that evaluation,
+export and the live probe use; every method names it ``trunk`` so that a checkpoint's ``trunk.*`` weights
+are found the same way whatever the method.
+
+The engine calls, for each batch of views:
+
+1. ``loss(views, mark, step)`` under autocast: the objective, and the method's diagnostics as 0-d tensors
+   (read with the step's other numbers in one transfer). ``mark(part)`` ends each of the method's timed
+   ``parts`` in order.
+2. ``after_backward(step)``: change gradients before the finite check (e.g. cancel frozen prototypes').
+3. ``after_update(step)``: only after an applied update, never after a skipped one: renormalise, EMA,
+   push into a queue or memory.
+
+``step`` is the index of the step being made (0 for the first). ``extra_state``/``load_extra_state`` carry
+what is not a parameter or buffer. ``published()`` is the tensor the prototype store holds (SwAV's
+prototypes, DeepCluster's centroids), or None. Collapse: ``health`` names the diagnostic the collapse monitor
+watches, ``health_max`` its healthy ceiling, ``start_recovery``/``end_recovery`` the method's own way back
+after the daemon rolled it back to a healthy snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from streamssl.optim import param_groups
+
+Mark = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One number a method reports every step: its key, its Prometheus gauge and how the progress line shows it.
+
+    Declared up front (``Method.diagnostics``) so that a run's metric series are fixed from its start."""
+
+    name: str  # key in StepStats.diagnostics and history.jsonl
+    metric: str  # Prometheus gauge (streamssl_learner_...)
+    help: str
+    label: str  # progress line: "<label> <value>"
+    fmt: str = "{:5.2f}"
+
+
+class Method(nn.Module):
+    """Base of every method; see the module docstring for the protocol."""
+
+    name: ClassVar[str]
+    parts: ClassVar[tuple[str, ...]] = ("forward",)  # timed parts of loss(), marked in this order
+    diagnostics: ClassVar[tuple[Diagnostic, ...]] = ()
+    health: ClassVar[str | None] = None  # the diagnostic collapse detection watches; None: no detection
+    trunk: nn.Module
+
+    def loss(self, views: Sequence[Tensor], mark: Mark, step: int) -> tuple[Tensor, dict[str, Tensor | float]]:
+        raise NotImplementedError
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """The optimizer's groups: weights decayed and LARS-adapted, BN parameters and biases neither."""
+        return param_groups(self, weight_decay)
+
+    def after_backward(self, step: int) -> None:
+        """Gradients computed, update not yet decided."""
+
+    @torch.no_grad()
+    def after_update(self, step: int) -> None:
+        """The update of step ``step`` was applied."""
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore ``extra_state``; a key it lacks (an older checkpoint) keeps the configured value."""
+
+    def published(self) -> Tensor | None:
+        return None
+
+    def health_max(self, batch_size: int) -> float:
+        """The health signal's value in a healthy run (collapse is a fraction of it)."""
+        return 1.0
+
+    def start_recovery(self, step: int, recovery_steps: int, epsilon_factor: float) -> str:
+        """After a rollback to a healthy snapshot: change what the method does for ``recovery_steps``; returns
+        what it did, for the log."""
+        return "rolled back"
+
+    def end_recovery(self) -> str:
+        return "recovery over"
+
+
+def features_by_size(trunk: nn.Module, views: Sequence[Tensor]) -> Tensor:
+    """(V*B, F) trunk features; consecutive views of equal size share one trunk call (one batch-norm batch per
+    resolution, as in SwAV's multi-crop forward)."""
+    out: list[Tensor] = []
+    start = 0
+    while start < len(views):
+        end = start
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        batch = torch.cat(list(views[start:end])) if end - start > 1 else views[start]
+        out.append(trunk(batch))
+        start = end
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+__all__ = ["Diagnostic", "Mark", "Method", "features_by_size"]
