@@ -17,6 +17,7 @@ import torch
 from streamssl.config import Config
 from streamssl.devices import pick_device, use_device
 from streamssl.engine import Learner
+from streamssl.methods import method_settings
 
 
 def bench_learner(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
@@ -29,7 +30,7 @@ def bench_learner(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict[str,
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = pick_device(cfg.run.device)
-    learner = Learner.build(cfg.model, cfg.learner, device=device)
+    learner = Learner.build(cfg.model, cfg.learner, device=device, settings=method_settings(cfg))
     queue = getattr(learner.method, "queue", None)
     batch = cfg.learner.batch_size
     generator = torch.Generator().manual_seed(0)

@@ -44,6 +44,7 @@ from streamssl.devices import pick_device, use_device
 from streamssl.engine import ENGINE_PARTS, Learner, StepStats
 from streamssl.errors import RuntimeFailure, StreamsslError
 from streamssl.feeder import END, Batch, Feeder
+from streamssl.methods import method_settings
 from streamssl.metrics import Metrics, MetricsServer
 from streamssl.probe import LiveProbe
 from streamssl.progress import History, format_progress
@@ -97,7 +98,7 @@ class Daemon:
         use_device(self.device)
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
         self.checkpoints.prepare()  # a folder that cannot hold checkpoints stops the run now, not at its end
-        self.learner = Learner.build(cfg.model, cfg.learner, device=self.device)
+        self.learner = Learner.build(cfg.model, cfg.learner, device=self.device, settings=method_settings(cfg))
         method = self.learner.method
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry, arch=cfg.model.arch, parts=method.parts + ENGINE_PARTS,

@@ -94,13 +94,13 @@ class Learner:
 
     @classmethod
     def build(cls, model_cfg: ModelConfig, cfg: LearnerConfig, *, device: str | torch.device = "cpu",
-              reduce: Reduce | None = None) -> Learner:
-        """The configured method (``learner.method``), initialised from ``learner.seed`` without touching the
-        caller's RNG, and its engine."""
+              reduce: Reduce | None = None, settings: Any = None) -> Learner:
+        """The configured method (``learner.method``, with its section ``settings``), initialised from
+        ``learner.seed`` without touching the caller's RNG, and its engine."""
         device = torch.device(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            method = make_method(model_cfg, cfg, device=device, reduce=reduce)
+            method = make_method(model_cfg, cfg, device=device, reduce=reduce, settings=settings)
         return cls(method, cfg, device=device, channels_last=model_cfg.channels_last)
 
     @property

@@ -239,7 +239,7 @@ def linear_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
 def load_trunk(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """The trunk of a streamssl checkpoint (weights only, no code run) and the run's configuration dict."""
     from streamssl.checkpoint import CheckpointError, load_checkpoint
-    from streamssl.config import LearnerConfig, ModelConfig
+    from streamssl.config import SECTIONS, LearnerConfig, ModelConfig
     from streamssl.methods import make_method
 
     state = load_checkpoint(checkpoint, map_location="cpu")
@@ -251,8 +251,9 @@ def load_trunk(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
             return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config[name].items() if k in fields})
 
         # the method the checkpoint was trained with (SwAV before there were others), built as it was
-        model = make_method(section(ModelConfig, "model"), section(LearnerConfig, "learner"),
-                            device=torch.device("cpu"))
+        learner = section(LearnerConfig, "learner")
+        settings = section(SECTIONS[learner.method], learner.method) if learner.method in config else None
+        model = make_method(section(ModelConfig, "model"), learner, device=torch.device("cpu"), settings=settings)
         model.load_state_dict(state["learner"]["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{checkpoint}: its model cannot be rebuilt ({type(exc).__name__}: "

@@ -19,6 +19,7 @@ from streamssl.config.sections import (
     ENV_PREFIX,
     SECTIONS,
     AugmentConfig,
+    BYOLConfig,
     CheckpointConfig,
     CollapseConfig,
     Config,
@@ -28,12 +29,14 @@ from streamssl.config.sections import (
     ModelConfig,
     ProbeConfig,
     RunConfig,
+    SimCLRConfig,
     SourceConfig,
     StoreConfig,
 )
 
 __all__ = [
-    "DEBUG_ENV", "DEFAULT_PROFILE", "ENV_PREFIX", "SECTIONS", "AugmentConfig", "CheckpointConfig", "CollapseConfig",
-    "Config", "ConfigError", "LearnerConfig", "MetricsConfig", "ModelConfig", "ProbeConfig", "RunConfig",
-    "SourceConfig", "StoreConfig", "describe", "env_layer", "find_profile", "overrides_layer", "resolve",
+    "DEBUG_ENV", "DEFAULT_PROFILE", "ENV_PREFIX", "SECTIONS", "AugmentConfig", "BYOLConfig", "CheckpointConfig",
+    "CollapseConfig", "Config", "ConfigError", "LearnerConfig", "MetricsConfig", "ModelConfig", "ProbeConfig",
+    "RunConfig", "SimCLRConfig", "SourceConfig", "StoreConfig", "describe", "env_layer", "find_profile",
+    "overrides_layer", "resolve",
 ]

@@ -144,7 +144,8 @@ class LearnerConfig:
     """The method (methods/), its objective and the optimisation (engine.py, optim.py). The SwAV settings
     (temperature to freeze_prototypes_steps) are here for the SwAV method; each other method has a section."""
 
-    method: str = _f("swav", "The self-supervised method.", choices=("swav",))
+    method: str = _f("swav", "The self-supervised method; each but SwAV has its own section ([simclr], [byol]).",
+                     choices=("swav", "simclr", "byol"))
     batch_size: int = _f(256, "Images per step (each gives every view).", ge=1)
     temperature: float = _f(0.1, "Softmax temperature of the swapped prediction.", gt=0)
     epsilon: float = _f(0.05, "Sinkhorn entropy regularisation. Lower it (0.03) if codes stay soft; raise "
@@ -178,6 +179,27 @@ class LearnerConfig:
             raise ConfigError("learner.crops_for_assign: needs at least one view index >= 0")
         if len(set(self.crops_for_assign)) != len(self.crops_for_assign):
             raise ConfigError("learner.crops_for_assign: view indices must be distinct")
+
+
+@dataclass(frozen=True)
+class SimCLRConfig:
+    """SimCLR (methods/simclr.py): NT-Xent over the views of a batch."""
+
+    temperature: float = _f(0.2, "Softmax temperature of NT-Xent (the paper: 0.1 at batch 4096, 0.5 for small "
+                            "batches; 0.2 between).", gt=0)
+
+
+@dataclass(frozen=True)
+class BYOLConfig:
+    """BYOL (methods/byol.py): online network and predictor against an EMA target."""
+
+    predictor_dim: int = _f(512, "Hidden width of the predictor MLP (the paper: 4096 for a 256-d projection).",
+                            ge=1)
+    momentum: float = _f(0.99, "Target EMA momentum at step 0 (the paper's tau_base: 0.996 at batch 4096; lower "
+                         "suits small batches).", ge=0, le=0.99999)
+    final_momentum: float = _f(0.999, "Momentum after momentum_steps: the paper ends at 1 with its training; an "
+                               "unbounded stream keeps a target that still follows.", ge=0, le=1)
+    momentum_steps: int = _f(10_000, "Steps of the cosine from momentum to final_momentum.", ge=1)
 
 
 @dataclass(frozen=True)
@@ -291,6 +313,8 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -301,7 +325,7 @@ class Config:
     def __post_init__(self) -> None:
         n_views = sum(self.augment.n_views)
         if n_views < 2:
-            raise ConfigError("augment.n_views: SwAV needs at least 2 views in all")
+            raise ConfigError("augment.n_views: every method needs at least 2 views in all")
         if max(self.learner.crops_for_assign) >= n_views:
             raise ConfigError(f"learner.crops_for_assign: view index {max(self.learner.crops_for_assign)} "
                               f"but only {n_views} views (augment.n_views)")

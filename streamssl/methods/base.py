@@ -93,6 +93,17 @@ class Method(nn.Module):
         return "recovery over"
 
 
+EMBEDDING_STD = Diagnostic(
+    "embedding_std", "streamssl_learner_embedding_std", "Standard deviation across the batch of the unit-norm "
+    "embeddings, averaged over dimensions: 1/sqrt(D) when they spread over the sphere, 0 when every image maps "
+    "to one point (collapse; the SimSiam and BYOL diagnostic).", "embedding std", "{:6.4f}")
+
+
+def embedding_std(z: Tensor) -> Tensor:
+    """``EMBEDDING_STD`` of (N, D) embeddings, as a 0-d tensor (normalised here, in float32)."""
+    return torch.nn.functional.normalize(z.detach().float(), dim=1).std(dim=0).mean()
+
+
 def features_by_size(trunk: nn.Module, views: Sequence[Tensor]) -> Tensor:
     """(V*B, F) trunk features; consecutive views of equal size share one trunk call (one batch-norm batch per
     resolution, as in SwAV's multi-crop forward)."""
@@ -108,4 +119,4 @@ def features_by_size(trunk: nn.Module, views: Sequence[Tensor]) -> Tensor:
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
-__all__ = ["Diagnostic", "Mark", "Method", "features_by_size"]
+__all__ = ["EMBEDDING_STD", "Diagnostic", "Mark", "Method", "embedding_std", "features_by_size"]

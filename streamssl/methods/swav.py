@@ -55,7 +55,7 @@ class SwAV(Method):
     health = "code_entropy"
 
     def __init__(self, model_cfg: ModelConfig, cfg: LearnerConfig, *, device: torch.device,
-                 reduce: Reduce | None = None) -> None:
+                 reduce: Reduce | None = None, **_: Any) -> None:
         super().__init__()
         self.cfg = cfg
         self.reduce = reduce

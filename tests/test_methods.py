@@ -1,0 +1,165 @@
+"""The methods beside SwAV: each loss against an independent float64 computation, BYOL's target (no gradient,
+its EMA exactly, untouched by a skipped step), a checkpoint round trip of every method, and every method as a
+daemon on real shards: metrics, resume, export and the live probe."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from streamssl.config import BYOLConfig, LearnerConfig, ModelConfig, resolve
+from streamssl.daemon import Daemon
+from streamssl.engine import Learner
+from streamssl.export import export, torchvision_model
+from streamssl.methods import METHODS
+from streamssl.methods.byol import momentum_at, normalized_mse
+from streamssl.methods.simclr import nt_xent
+from streamssl.synthetic import view_stream
+from tests.test_daemon import config, make_shards
+from tests.test_eval import clustered_folder
+
+MODEL = ModelConfig(arch="resnet18", hidden_dim=32, out_dim=16, n_prototypes=16)
+
+
+def textbook_nt_xent(z: torch.Tensor, n_views: int, temperature: float) -> float:
+    """Chen et al. 2020, eq. 1, anchor by anchor in float64; positives: the other views of the same image."""
+    z = torch.nn.functional.normalize(z.double(), dim=1)
+    n, batch = z.shape[0], z.shape[0] // n_views
+    total = 0.0
+    for i in range(n):
+        others = [k for k in range(n) if k != i]
+        denominator = sum(math.exp(float(z[i] @ z[k]) / temperature) for k in others)
+        positives = [k for k in others if k % batch == i % batch]
+        total += sum(-math.log(math.exp(float(z[i] @ z[k]) / temperature) / denominator)
+                     for k in positives) / len(positives)
+    return total / n
+
+
+@pytest.mark.parametrize("n_views", [2, 3])
+def test_nt_xent_is_the_papers_loss(n_views: int) -> None:
+    z = torch.randn(n_views * 6, 8, generator=torch.Generator().manual_seed(n_views))
+    assert float(nt_xent(z, n_views, 0.3)) == pytest.approx(textbook_nt_xent(z, n_views, 0.3), rel=1e-5)
+
+
+def test_normalized_mse_is_the_squared_distance_of_unit_vectors() -> None:
+    g = torch.Generator().manual_seed(0)
+    p, z = torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g) * 3
+    expected = ((p.double() / p.double().norm(dim=1, keepdim=True)
+                 - z.double() / z.double().norm(dim=1, keepdim=True)) ** 2).sum(dim=1).mean()
+    assert float(normalized_mse(p, z)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_byol_momentum_follows_a_cosine_in_steps_then_stays() -> None:
+    settings = BYOLConfig(momentum=0.9, final_momentum=0.99, momentum_steps=100)
+    values = [momentum_at(s, settings) for s in range(0, 201, 10)]
+    assert values[0] == pytest.approx(0.9) and values[10] == pytest.approx(0.99) and values[-1] == pytest.approx(0.99)
+    assert values == sorted(values) and momentum_at(50, settings) == pytest.approx(0.945)
+
+
+def byol_learner() -> Learner:
+    return Learner.build(MODEL, LearnerConfig(method="byol", batch_size=8, optimizer="sgd", base_lr=0.1,
+                                              warmup_steps=0), settings=BYOLConfig(momentum=0.9, predictor_dim=32))
+
+
+def test_byol_target_gets_no_gradient_and_follows_its_ema_exactly() -> None:
+    learner = byol_learner()
+    method = learner.method
+    views = view_stream(8, (32, 16), (2, 2), n_clusters=4, image_size=48)
+    target_before = [p.detach().clone() for p in method._target()]
+    online_before = [p.detach().clone() for p in method._online()]
+    stats = learner.step(next(views))
+    assert not stats.skipped
+    assert all(not p.requires_grad and p.grad is None for p in method._target())
+    assert not any(p.requires_grad for p in method.target_trunk.parameters())
+    assert all(id(p) not in {id(q) for g in learner.optimizer.param_groups for q in g["params"]}
+               for p in method._target())  # not in the optimizer either
+    tau = momentum_at(0, method.settings)
+    online_after = [p.detach() for p in method._online()]
+    assert any(not torch.equal(a, b) for a, b in zip(online_before, online_after, strict=True))
+    for before, online, target in zip(target_before, online_after, method._target(), strict=True):
+        torch.testing.assert_close(target.detach(), tau * before + (1 - tau) * online, rtol=1e-6, atol=1e-7)
+    target_now = [p.detach().clone() for p in method._target()]
+    bad = next(views)
+    bad[0][:] = float("nan")
+    assert learner.step(bad).skipped
+    assert all(torch.equal(a, b) for a, b in zip(target_now, method._target(), strict=True))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_checkpoint_round_trip_continues_identically(method: str) -> None:
+    cfg = LearnerConfig(method=method, batch_size=8, optimizer="lars", base_lr=0.3, warmup_steps=2,
+                        queue_length=16 if method == "swav" else 0)
+    a = Learner.build(MODEL, cfg)
+    views = list(zip(range(5), view_stream(8, (32, 16), (2, 2), n_clusters=4, image_size=48), strict=False))
+    for _, v in views[:2]:
+        a.step(v)
+    b = Learner.build(MODEL, LearnerConfig(**{**cfg.__dict__, "seed": 9}))  # another init, overwritten
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    for _, v in views[2:]:
+        sa, sb = a.step(v), b.step(v)
+        assert sa.loss == sb.loss and sa.diagnostics == sb.diagnostics
+    other = next(m for m in METHODS if m != method)
+    with pytest.raises(ValueError, match=f"learner.method {method!r}"):
+        Learner.build(MODEL, LearnerConfig(**{**cfg.__dict__, "method": other, "queue_length": 0})
+                      ).load_state_dict(a.state_dict())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_every_method_runs_as_a_daemon_with_metrics_resume_export_and_probe(tmp_path: Path, method: str) -> None:
+    shards = make_shards(tmp_path, 2)
+    clustered_folder(tmp_path / "labeled", n=40)
+    extra = [f"learner.method={method}", f"source.urls=[\"{shards[0]}\", \"{shards[1]}\"]", "metrics.port=-1",
+             "checkpoint.every_steps=2", f"probe.dataset={tmp_path / 'labeled'}", "probe.every_steps=2",
+             "probe.limit_train=24", "probe.limit_test=8", "byol.predictor_dim=32"]
+    registry = CollectorRegistry()
+    lines: list[str] = []
+    first = Daemon(config(tmp_path, *extra, "run.max_steps=3"), registry=registry, echo=lines.append).run()
+    assert first.steps == 3 and first.error is None and first.checkpoint
+    assert registry.get_sample_value("streamssl_learner_embedding_std") > 0
+    assert registry.get_sample_value("streamssl_learner_code_entropy_nats") is None  # SwAV's, not declared here
+    assert registry.get_sample_value("streamssl_learner_part_seconds_count", {"part": "loss"}) == 3
+    assert registry.get_sample_value("streamssl_probe_accuracy_ratio") is not None
+    assert any("embedding std" in line for line in lines)
+    lines.clear()
+    second = Daemon(config(tmp_path, *extra, "run.max_steps=5"), echo=lines.append).run()
+    assert any(line.startswith("resumed from") and "at step 3" in line for line in lines)
+    assert second.steps == 5 and second.error is None
+    meta = export(second.checkpoint, "torchvision", tmp_path / "trunk.pt")
+    model = torchvision_model(meta)
+    model.load_state_dict(torch.load(tmp_path / "trunk.pt", weights_only=True), strict=True)
+
+
+def test_a_collapsed_byol_is_seen_by_its_embedding_spread_rolled_back_and_recovered(tmp_path: Path) -> None:
+    cfg = resolve(None, environ={}, overrides=[
+        "learner.method=byol", "byol.predictor_dim=32", "model.arch=resnet18", "model.hidden_dim=32",
+        "model.out_dim=16", "learner.batch_size=16", "learner.optimizer=sgd", "learner.base_lr=0.02",
+        "learner.warmup_steps=0", "augment.sizes=[32,16]", "augment.n_views=[2,2]", f"checkpoint.dir={tmp_path}",
+        "metrics.port=-1", "collapse.min_entropy_ratio=0.3", "collapse.patience_steps=3",
+        "collapse.snapshot_every_steps=2", "collapse.recovery_steps=4", "run.max_steps=16"])
+    registry = CollectorRegistry()
+    seen: dict[str, object] = {}
+
+    def views():
+        normal = view_stream(16, (32, 16), (2, 2), n_clusters=4, image_size=48)
+        while True:
+            learner = daemon.learner
+            if learner.step_count >= 5 and not daemon.monitor.collapsed and "recovering" not in seen:
+                with torch.no_grad():  # sabotage: every image projects to the same point
+                    learner.model.head[-1].weight.zero_()
+                    learner.model.head[-1].bias.fill_(1.0)
+            if daemon.monitor.collapsed:
+                seen.setdefault("recovering", learner.method.recovering)
+            yield next(normal)
+
+    daemon = Daemon(cfg, registry=registry, views=views(), echo=lambda line: None)
+    daemon.run()
+    assert registry.get_sample_value("streamssl_learner_collapse_recoveries_total") == 1
+    assert seen["recovering"] is True  # the target held at its slowest momentum during the recovery
+    assert daemon.learner.method.recovering is False and registry.get_sample_value("streamssl_learner_collapsed") == 0
+    assert registry.get_sample_value("streamssl_learner_embedding_std") > 0.3 / math.sqrt(16)  # spread again
