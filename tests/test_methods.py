@@ -12,12 +12,13 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from streamssl.config import BYOLConfig, LearnerConfig, ModelConfig, resolve
+from streamssl.config import BYOLConfig, LearnerConfig, MoCoConfig, ModelConfig, resolve
 from streamssl.daemon import Daemon
 from streamssl.engine import Learner
 from streamssl.export import export, torchvision_model
 from streamssl.methods import METHODS
 from streamssl.methods.byol import momentum_at, normalized_mse
+from streamssl.methods.moco import info_nce
 from streamssl.methods.simclr import nt_xent
 from streamssl.synthetic import view_stream
 from tests.test_daemon import config, make_shards
@@ -110,13 +111,13 @@ def test_a_checkpoint_round_trip_continues_identically(method: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["simclr", "byol"])
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol"])
 def test_every_method_runs_as_a_daemon_with_metrics_resume_export_and_probe(tmp_path: Path, method: str) -> None:
     shards = make_shards(tmp_path, 2)
     clustered_folder(tmp_path / "labeled", n=40)
     extra = [f"learner.method={method}", f"source.urls=[\"{shards[0]}\", \"{shards[1]}\"]", "metrics.port=-1",
              "checkpoint.every_steps=2", f"probe.dataset={tmp_path / 'labeled'}", "probe.every_steps=2",
-             "probe.limit_train=24", "probe.limit_test=8", "byol.predictor_dim=32"]
+             "probe.limit_train=24", "probe.limit_test=8", "byol.predictor_dim=32", "moco.queue_length=24"]
     registry = CollectorRegistry()
     lines: list[str] = []
     first = Daemon(config(tmp_path, *extra, "run.max_steps=3"), registry=registry, echo=lines.append).run()
@@ -163,3 +164,52 @@ def test_a_collapsed_byol_is_seen_by_its_embedding_spread_rolled_back_and_recove
     assert seen["recovering"] is True  # the target held at its slowest momentum during the recovery
     assert daemon.learner.method.recovering is False and registry.get_sample_value("streamssl_learner_collapsed") == 0
     assert registry.get_sample_value("streamssl_learner_embedding_std") > 0.3 / math.sqrt(16)  # spread again
+
+
+def test_info_nce_with_a_queue_is_the_textbook_loss() -> None:
+    g = torch.Generator().manual_seed(3)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=1)  # noqa: E731
+    q, k, queue = unit(5, 8), unit(5, 8), unit(7, 8)
+    expected = 0.0
+    for i in range(5):
+        logits = [float(q[i].double() @ k[i].double()) / 0.2] + [float(q[i].double() @ n.double()) / 0.2
+                                                                  for n in queue]
+        expected += -logits[0] + math.log(sum(math.exp(x) for x in logits))
+    assert float(info_nce(q, k, queue, 0.2)) == pytest.approx(expected / 5, rel=1e-5)
+
+
+def test_moco_keys_join_the_queue_only_after_their_loss_and_the_key_encoder_is_an_ema() -> None:
+    learner = Learner.build(MODEL, LearnerConfig(method="moco", batch_size=8, optimizer="sgd", base_lr=0.1,
+                                                 warmup_steps=0), settings=MoCoConfig(queue_length=24, momentum=0.9))
+    method = learner.method
+    views = view_stream(8, (32, 16), (2, 2), n_clusters=4, image_size=48)
+    seen: dict[str, torch.Tensor] = {}
+    real = info_nce
+
+    def spy(q, k, queue, temperature):
+        seen.setdefault("queue", queue.clone())
+        seen.setdefault("keys", k.clone())
+        return real(q, k, queue, temperature)
+
+    import streamssl.methods.moco as moco_module
+
+    moco_module.info_nce, original = spy, moco_module.info_nce
+    try:
+        queue_before = method.queue.clone()
+        key_before = [p.detach().clone() for p in method._momentum()]
+        learner.step(next(views))
+    finally:
+        moco_module.info_nce = original
+    assert torch.equal(seen["queue"], queue_before)  # the loss met the queue without this batch's keys
+    assert not any(torch.equal(key, row) for key in seen["keys"] for row in seen["queue"])
+    assert int(method.queue_ptr) == 16  # then both views' keys (2 x 8) went in, oldest rows first
+    assert torch.equal(method.queue[16:], queue_before[16:]) and not torch.equal(method.queue[:16], queue_before[:16])
+    assert all(not p.requires_grad and p.grad is None for p in method._momentum())
+    for before, online, key in zip(key_before, method._online(), method._momentum(), strict=True):
+        torch.testing.assert_close(key.detach(), 0.9 * before + 0.1 * online.detach(), rtol=1e-6, atol=1e-7)
+    learner.step(next(views))
+    assert int(method.queue_ptr) == (32 % 24)  # FIFO wraps: bounded at queue_length
+    queue_now = method.queue.clone()
+    bad = next(views)
+    bad[0][:] = float("nan")
+    assert learner.step(bad).skipped and torch.equal(method.queue, queue_now) and int(method.queue_ptr) == 8

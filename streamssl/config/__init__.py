@@ -26,6 +26,7 @@ from streamssl.config.sections import (
     ConfigError,
     LearnerConfig,
     MetricsConfig,
+    MoCoConfig,
     ModelConfig,
     ProbeConfig,
     RunConfig,
@@ -36,7 +37,7 @@ from streamssl.config.sections import (
 
 __all__ = [
     "DEBUG_ENV", "DEFAULT_PROFILE", "ENV_PREFIX", "SECTIONS", "AugmentConfig", "BYOLConfig", "CheckpointConfig",
-    "CollapseConfig", "Config", "ConfigError", "LearnerConfig", "MetricsConfig", "ModelConfig", "ProbeConfig",
-    "RunConfig", "SimCLRConfig", "SourceConfig", "StoreConfig", "describe", "env_layer", "find_profile",
+    "CollapseConfig", "Config", "ConfigError", "LearnerConfig", "MetricsConfig", "MoCoConfig", "ModelConfig",
+    "ProbeConfig", "RunConfig", "SimCLRConfig", "SourceConfig", "StoreConfig", "describe", "env_layer", "find_profile",
     "overrides_layer", "resolve",
 ]

@@ -144,8 +144,9 @@ class LearnerConfig:
     """The method (methods/), its objective and the optimisation (engine.py, optim.py). The SwAV settings
     (temperature to freeze_prototypes_steps) are here for the SwAV method; each other method has a section."""
 
-    method: str = _f("swav", "The self-supervised method; each but SwAV has its own section ([simclr], [byol]).",
-                     choices=("swav", "simclr", "byol"))
+    method: str = _f("swav", "The self-supervised method; each but SwAV has its own section ([simclr], [moco], "
+                     "[byol]).",
+                     choices=("swav", "simclr", "moco", "byol"))
     batch_size: int = _f(256, "Images per step (each gives every view).", ge=1)
     temperature: float = _f(0.1, "Softmax temperature of the swapped prediction.", gt=0)
     epsilon: float = _f(0.05, "Sinkhorn entropy regularisation. Lower it (0.03) if codes stay soft; raise "
@@ -187,6 +188,18 @@ class SimCLRConfig:
 
     temperature: float = _f(0.2, "Softmax temperature of NT-Xent (the paper: 0.1 at batch 4096, 0.5 for small "
                             "batches; 0.2 between).", gt=0)
+
+
+@dataclass(frozen=True)
+class MoCoConfig:
+    """MoCo v2 (methods/moco.py): queries against a momentum encoder's keys and a queue of earlier keys."""
+
+    temperature: float = _f(0.2, "InfoNCE temperature (MoCo v2: 0.2).", gt=0)
+    queue_length: int = _f(4096, "Negative keys kept (MoCo: 65536 on ImageNet; the queue is a stream's recent "
+                           "past, so shorter suits a changing stream).", ge=1)
+    momentum: float = _f(0.99, "Key encoder EMA momentum (MoCo: 0.999 at batch 256 over long runs).", ge=0, le=1)
+    bn_splits: int = _f(8, "Groups with their own batch-norm statistics when the key encoder sees the shuffled "
+                        "keys (shuffling BN in one process).", ge=1)
 
 
 @dataclass(frozen=True)
@@ -314,6 +327,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
     byol: BYOLConfig = field(default_factory=BYOLConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
