@@ -18,6 +18,7 @@ from streamssl.engine import Learner
 from streamssl.export import export, torchvision_model
 from streamssl.methods import METHODS
 from streamssl.methods.byol import momentum_at, normalized_mse
+from streamssl.methods.deepcluster import cluster_prediction_loss, spherical_kmeans
 from streamssl.methods.moco import info_nce
 from streamssl.methods.simclr import nt_xent
 from streamssl.synthetic import view_stream
@@ -111,22 +112,32 @@ def test_a_checkpoint_round_trip_continues_identically(method: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["simclr", "moco", "byol"])
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "deepcluster"])
 def test_every_method_runs_as_a_daemon_with_metrics_resume_export_and_probe(tmp_path: Path, method: str) -> None:
     shards = make_shards(tmp_path, 2)
     clustered_folder(tmp_path / "labeled", n=40)
     extra = [f"learner.method={method}", f"source.urls=[\"{shards[0]}\", \"{shards[1]}\"]", "metrics.port=-1",
              "checkpoint.every_steps=2", f"probe.dataset={tmp_path / 'labeled'}", "probe.every_steps=2",
-             "probe.limit_train=24", "probe.limit_test=8", "byol.predictor_dim=32", "moco.queue_length=24"]
+             "probe.limit_train=24", "probe.limit_test=8", "byol.predictor_dim=32", "moco.queue_length=24",
+             "deepcluster.memory_length=16", "deepcluster.refresh_steps=2"]
     registry = CollectorRegistry()
     lines: list[str] = []
     first = Daemon(config(tmp_path, *extra, "run.max_steps=3"), registry=registry, echo=lines.append).run()
     assert first.steps == 3 and first.error is None and first.checkpoint
-    assert registry.get_sample_value("streamssl_learner_embedding_std") > 0
-    assert registry.get_sample_value("streamssl_learner_code_entropy_nats") is None  # SwAV's, not declared here
+    spread = registry.get_sample_value("streamssl_learner_embedding_std")
+    entropy = registry.get_sample_value("streamssl_learner_code_entropy_nats")
+    if method == "deepcluster":  # SwAV's code diagnostics; the centroids are what the store holds
+        assert entropy > 0 and spread is None
+        from streamssl.store import LocalPrototypeStore
+
+        centroids, meta = LocalPrototypeStore(tmp_path / "run" / "store").read()
+        assert centroids.shape == (16, 16) and meta.step == 3
+    else:
+        assert spread > 0 and entropy is None  # SwAV's gauge is not declared for this method
     assert registry.get_sample_value("streamssl_learner_part_seconds_count", {"part": "loss"}) == 3
     assert registry.get_sample_value("streamssl_probe_accuracy_ratio") is not None
-    assert any("embedding std" in line for line in lines)
+    label = "code entropy" if method == "deepcluster" else "embedding std"
+    assert any(label in line for line in lines if line.startswith("step"))
     lines.clear()
     second = Daemon(config(tmp_path, *extra, "run.max_steps=5"), echo=lines.append).run()
     assert any(line.startswith("resumed from") and "at step 3" in line for line in lines)
@@ -213,3 +224,52 @@ def test_moco_keys_join_the_queue_only_after_their_loss_and_the_key_encoder_is_a
     bad = next(views)
     bad[0][:] = float("nan")
     assert learner.step(bad).skipped and torch.equal(method.queue, queue_now) and int(method.queue_ptr) == 8
+
+
+def test_spherical_kmeans_finds_planted_clusters_with_unit_centroids() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1)
+    labels = torch.arange(200) % 4
+    x = torch.nn.functional.normalize(centres[labels] + 0.1 * torch.randn(200, 16, generator=g), dim=1)
+    start = x[torch.tensor([0, 1, 2, 3])] + 0.5 * torch.randn(4, 16, generator=g)  # one rough seed per cluster
+    c = spherical_kmeans(x, start, iters=5)
+    torch.testing.assert_close(c.norm(dim=1), torch.ones(4))
+    assert ((x @ c.T).argmax(dim=1) == labels).all()
+    assert (c * centres).sum(dim=1).min() > 0.99
+
+
+def test_deepcluster_loss_is_cross_entropy_against_the_other_views_nearest_centroid() -> None:
+    g = torch.Generator().manual_seed(1)
+    emb = torch.nn.functional.normalize(torch.randn(3 * 4, 8, generator=g), dim=1)  # 3 views of 4 images
+    centroids = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
+    loss, labels = cluster_prediction_loss(emb, centroids, [0, 1], 3, 0.1)
+    expected = 0.0
+    for t in (0, 1):
+        for i in range(4):
+            label = int(max(range(5), key=lambda c: float(emb[t * 4 + i].double() @ centroids[c].double())))
+            assert int(labels[t][i]) == label
+            for v in range(3):
+                if v == t:
+                    continue
+                logits = [float(emb[v * 4 + i].double() @ centroids[c].double()) / 0.1 for c in range(5)]
+                expected += -logits[label] + math.log(sum(math.exp(x) for x in logits))
+    assert float(loss) == pytest.approx(expected / (4 * 4), rel=1e-5)
+
+
+def test_deepcluster_reclusters_its_memory_when_full_and_then_every_refresh() -> None:
+    from streamssl.config import DeepClusterConfig
+
+    learner = Learner.build(MODEL, LearnerConfig(method="deepcluster", batch_size=8, optimizer="sgd",
+                                                 base_lr=0.1, warmup_steps=0),
+                            settings=DeepClusterConfig(memory_length=32, refresh_steps=3, kmeans_iters=3))
+    method = learner.method
+    views = view_stream(8, (32, 16), (2, 2), n_clusters=4, image_size=48)
+    start = method.centroids.clone()
+    refreshed = []
+    for _ in range(6):  # 16 embeddings a step (2 assignment views x 8): full after step 2 (index 1)
+        learner.step(next(views))
+        refreshed.append(int(method.last_refresh))
+    assert refreshed == [-1, 1, 1, 1, 4, 4]
+    assert not torch.equal(method.centroids, start) and not method.centroids.requires_grad
+    torch.testing.assert_close(method.centroids.norm(dim=1), torch.ones(MODEL.n_prototypes))
+    assert all(id(method.centroids) != id(p) for g in learner.optimizer.param_groups for p in g["params"])

@@ -24,6 +24,7 @@ from streamssl.config.sections import (
     CollapseConfig,
     Config,
     ConfigError,
+    DeepClusterConfig,
     LearnerConfig,
     MetricsConfig,
     MoCoConfig,
@@ -37,7 +38,7 @@ from streamssl.config.sections import (
 
 __all__ = [
     "DEBUG_ENV", "DEFAULT_PROFILE", "ENV_PREFIX", "SECTIONS", "AugmentConfig", "BYOLConfig", "CheckpointConfig",
-    "CollapseConfig", "Config", "ConfigError", "LearnerConfig", "MetricsConfig", "MoCoConfig", "ModelConfig",
-    "ProbeConfig", "RunConfig", "SimCLRConfig", "SourceConfig", "StoreConfig", "describe", "env_layer", "find_profile",
-    "overrides_layer", "resolve",
+    "CollapseConfig", "Config", "ConfigError", "DeepClusterConfig", "LearnerConfig", "MetricsConfig", "MoCoConfig",
+    "ModelConfig", "ProbeConfig", "RunConfig", "SimCLRConfig", "SourceConfig", "StoreConfig", "describe", "env_layer",
+    "find_profile", "overrides_layer", "resolve",
 ]

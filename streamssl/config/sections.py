@@ -145,8 +145,8 @@ class LearnerConfig:
     (temperature to freeze_prototypes_steps) are here for the SwAV method; each other method has a section."""
 
     method: str = _f("swav", "The self-supervised method; each but SwAV has its own section ([simclr], [moco], "
-                     "[byol]).",
-                     choices=("swav", "simclr", "moco", "byol"))
+                     "[byol], [deepcluster]).",
+                     choices=("swav", "simclr", "moco", "byol", "deepcluster"))
     batch_size: int = _f(256, "Images per step (each gives every view).", ge=1)
     temperature: float = _f(0.1, "Softmax temperature of the swapped prediction.", gt=0)
     epsilon: float = _f(0.05, "Sinkhorn entropy regularisation. Lower it (0.03) if codes stay soft; raise "
@@ -200,6 +200,17 @@ class MoCoConfig:
     momentum: float = _f(0.99, "Key encoder EMA momentum (MoCo: 0.999 at batch 256 over long runs).", ge=0, le=1)
     bn_splits: int = _f(8, "Groups with their own batch-norm statistics when the key encoder sees the shuffled "
                         "keys (shuffling BN in one process).", ge=1)
+
+
+@dataclass(frozen=True)
+class DeepClusterConfig:
+    """DeepCluster-v2 (methods/deepcluster.py): k-means centroids on a memory of the recent stream; its
+    temperature, number of centroids (model.n_prototypes) and assignment views are SwAV's settings."""
+
+    memory_length: int = _f(4096, "Embeddings of the recent stream that k-means clusters (the paper: the whole "
+                            "dataset, once per epoch).", ge=2)
+    refresh_steps: int = _f(200, "Re-cluster every this many steps once the memory is full.", ge=1)
+    kmeans_iters: int = _f(10, "k-means rounds per refresh, from the current centroids.", ge=1)
 
 
 @dataclass(frozen=True)
@@ -328,6 +339,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
+    deepcluster: DeepClusterConfig = field(default_factory=DeepClusterConfig)
     byol: BYOLConfig = field(default_factory=BYOLConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

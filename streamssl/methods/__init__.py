@@ -1,7 +1,8 @@
 """The self-supervised methods the engine (engine.py) trains, one file each; base.py says what a method is.
 
 ``learner.method`` names one of ``METHODS``; ``make_method`` builds it with its own configuration section
-(``[simclr]``, ``[moco]``, ``[byol]``; SwAV's settings are in ``[learner]``), which ``method_settings`` picks.
+(``[simclr]``, ``[moco]``, ``[byol]``, ``[deepcluster]``; SwAV's settings are in ``[learner]``), which
+``method_settings`` picks.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import torch
 from streamssl.config import Config, LearnerConfig, ModelConfig
 from streamssl.methods.base import Diagnostic, Method
 from streamssl.methods.byol import BYOL
+from streamssl.methods.deepcluster import DeepClusterV2
 from streamssl.methods.moco import MoCo
 from streamssl.methods.simclr import SimCLR
 from streamssl.methods.swav import SwAV
 from streamssl.sinkhorn import Reduce
 
-METHODS: dict[str, type[Method]] = {"swav": SwAV, "simclr": SimCLR, "moco": MoCo, "byol": BYOL}
+METHODS: dict[str, type[Method]] = {"swav": SwAV, "simclr": SimCLR, "moco": MoCo, "byol": BYOL,
+                                     "deepcluster": DeepClusterV2}
 
 
 def method_settings(cfg: Config) -> Any:
@@ -37,4 +40,7 @@ def make_method(model_cfg: ModelConfig, cfg: LearnerConfig, *, device: torch.dev
     return cls(model_cfg, cfg, device=device, reduce=reduce, settings=settings)
 
 
-__all__ = ["BYOL", "METHODS", "Diagnostic", "Method", "MoCo", "SimCLR", "SwAV", "make_method", "method_settings"]
+__all__ = [
+    "BYOL", "METHODS", "DeepClusterV2", "Diagnostic", "Method", "MoCo", "SimCLR", "SwAV", "make_method",
+    "method_settings",
+]
