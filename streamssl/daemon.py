@@ -389,7 +389,8 @@ class Daemon:
                 wait_s = time.monotonic() - t
                 if batch is None:
                     break
-                stats = self.learner.step(batch.views, progress=self.budget_used(time.monotonic() - start))
+                stats = self.learner.step(batch.views, progress=self.budget_used(time.monotonic() - start),
+                                          ids=batch.ids)
                 if batch.position is not None:
                     self.position = batch.position
                 self.images += stats.n_images

@@ -113,12 +113,14 @@ class Learner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def step(self, views: Sequence[Tensor], progress: float | None = None) -> StepStats:
+    def step(self, views: Sequence[Tensor], progress: float | None = None,
+             ids: Sequence[str] | None = None) -> StepStats:
         """One step of the method on a batch.
 
         Args:
             views: V tensors (B, 3, H_v, W_v), same B; views of equal size should be adjacent.
             progress: fraction of the run's budget used, in [0, 1]; needed by the ``budget`` schedule only.
+            ids: a stable id per image of the batch (for methods with an instance memory), or None.
         """
         method, timer, step = self.method, self.timer, self.step_count
         batch = views[0].shape[0]
@@ -132,7 +134,7 @@ class Learner:
         method.train()
         views = [v.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format) for v in views]
         with self._autocast():
-            loss, diagnostics = method.loss(views, timer.mark, step)
+            loss, diagnostics = method.loss(views, timer.mark, step, ids)
 
         loss.backward()  # a non-finite loss gives non-finite gradients: the one check below catches both
         method.after_backward(step)

@@ -26,6 +26,7 @@ class Batch:
 
     views: list[Tensor]
     position: dict[str, Any] | None = None
+    ids: list[str] | None = None  # Sample.id of each image, in batch order
 
 
 END = object()  # the feeder's "stream ended" marker
@@ -73,11 +74,13 @@ class Feeder(threading.Thread):
             exhausted = False
             while not self._stop_event.is_set() and not exhausted:
                 parts: list[list[Tensor]] = []
+                ids: list[str] = []
                 have = 0
                 while have < self.batch_size and not self._stop_event.is_set():
-                    chunk = []
+                    chunk, chunk_ids = [], []
                     for sample in samples:
                         chunk.append(sample.data)
+                        chunk_ids.append(sample.id)
                         if len(chunk) == self.batch_size - have:
                             break
                     else:
@@ -86,13 +89,14 @@ class Feeder(threading.Thread):
                         views, kept = self.multicrop(chunk)
                         if kept:
                             parts.append(views)
+                            ids += [chunk_ids[k] for k in kept]
                             have += len(kept)
                     if exhausted:
                         break
                 if self._stop_event.is_set() or have < 2:
                     break
                 views = [torch.cat(group) for group in zip(*parts, strict=True)] if len(parts) > 1 else parts[0]
-                if not self._put(Batch(views, self.stream.state_dict())):
+                if not self._put(Batch(views, self.stream.state_dict(), ids)):
                     break
         except BaseException as exc:  # surfaced in the main thread
             self.error = exc

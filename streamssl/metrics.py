@@ -26,9 +26,10 @@ streamssl_learner_queue_fill_ratio (gauge)              queue fill, 0..1 (0 with
 streamssl_learner_code_entropy_nats (gauge)             entropy of the batch's hard code histogram;
                                                         near 0 means collapse
 streamssl_learner_prototypes_in_use (gauge)             distinct prototypes that are some sample's code
-(SimCLR's, MoCo's and BYOL's:)
+(SimCLR's, MoCo's, BYOL's and NPID's:)
 streamssl_learner_embedding_std (gauge)                 spread of the unit embeddings across the batch;
                                                         near 0 means collapse
+(NPID's:) streamssl_learner_memory_hit_ratio (gauge)    share of the batch already in the instance memory
 streamssl_learner_prototype_drift (gauge)               mean (1 - cosine) between matching rows of the
                                                         last two published prototype versions
 streamssl_learner_collapsed (gauge)                     1 while the daemon detects collapse, else 0

@@ -43,6 +43,11 @@ class Sample:
     index: int   # ordinal of this sample within its shard (0-based)
     label: int | None = None  # the sample's ``.cls`` member, when the shard has labels
 
+    @property
+    def id(self) -> str:
+        """Stable across restarts and processes: the shard URL and the member key (there is no dataset index)."""
+        return f"{self.url}#{self.key}"
+
 
 class ShardError(Exception):
     """A shard that cannot be read to its end: cut short, garbage inside, unreadable."""

@@ -64,7 +64,7 @@ class _Stream:
     """Just enough of a SampleStream for the feeder: three samples, then the end."""
 
     def __init__(self) -> None:
-        self.samples = [type("S", (), {"data": b"x%d" % i})() for i in range(3)]
+        self.samples = [type("S", (), {"data": b"x%d" % i, "id": f"s#{i}"})() for i in range(3)]
         self.closed = False
 
     def __iter__(self):
@@ -107,6 +107,7 @@ def test_the_feeder_thread_binds_the_run_device_then_releases_the_multicrop(monk
         items.append(feeder.out.get())
     assert bound == [("streamssl-feeder", torch.device("cuda", 1))]  # in the feeder's own thread
     assert [item.views[0].shape[0] for item in items[:-1]] == [2] and items[-1] is END  # 3 samples: 2 + 1 < 2
+    assert items[0].ids == ["s#0", "s#1"]  # each image's stable id travels with its views
     assert multicrop.closed_in == "streamssl-feeder"
 
 

@@ -112,14 +112,15 @@ def test_a_checkpoint_round_trip_continues_identically(method: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "deepcluster"])
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "deepcluster", "npid"])
 def test_every_method_runs_as_a_daemon_with_metrics_resume_export_and_probe(tmp_path: Path, method: str) -> None:
     shards = make_shards(tmp_path, 2)
     clustered_folder(tmp_path / "labeled", n=40)
     extra = [f"learner.method={method}", f"source.urls=[\"{shards[0]}\", \"{shards[1]}\"]", "metrics.port=-1",
              "checkpoint.every_steps=2", f"probe.dataset={tmp_path / 'labeled'}", "probe.every_steps=2",
              "probe.limit_train=24", "probe.limit_test=8", "byol.predictor_dim=32", "moco.queue_length=24",
-             "deepcluster.memory_length=16", "deepcluster.refresh_steps=2"]
+             "deepcluster.memory_length=16", "deepcluster.refresh_steps=2",
+             "npid.memory_length=32", "npid.negatives=8"]
     registry = CollectorRegistry()
     lines: list[str] = []
     first = Daemon(config(tmp_path, *extra, "run.max_steps=3"), registry=registry, echo=lines.append).run()
@@ -273,3 +274,50 @@ def test_deepcluster_reclusters_its_memory_when_full_and_then_every_refresh() ->
     assert not torch.equal(method.centroids, start) and not method.centroids.requires_grad
     torch.testing.assert_close(method.centroids.norm(dim=1), torch.ones(MODEL.n_prototypes))
     assert all(id(method.centroids) != id(p) for g in learner.optimizer.param_groups for p in g["params"])
+
+
+def test_npid_memory_is_keyed_by_sample_id_bounded_and_moves_towards_new_embeddings() -> None:
+    import hashlib
+
+    from streamssl.config import NPIDConfig
+    from streamssl.methods.npid import EMPTY, id_key
+
+    expected_key = int.from_bytes(hashlib.blake2b(b"shard-0.tar#img7", digest_size=8).digest(), "big") >> 1
+    assert id_key("shard-0.tar#img7") == expected_key  # stable across processes, unlike hash()
+    learner = Learner.build(MODEL, LearnerConfig(method="npid", batch_size=8, optimizer="sgd", base_lr=0.1,
+                                                 warmup_steps=0),
+                            settings=NPIDConfig(memory_length=12, negatives=4, memory_momentum=0.5))
+    method = learner.method
+    views = view_stream(8, (32, 16), (2, 2), n_clusters=4, image_size=48)
+    first = [f"s.tar#{i}" for i in range(8)]
+    stats = learner.step(next(views), ids=first)
+    assert stats.diagnostics["memory_hit"] == 0.0 and int((method.bank_keys != EMPTY).sum()) == 8
+    torch.testing.assert_close(method.bank[:8].norm(dim=1), torch.ones(8))
+    before = method.bank.clone()
+    stats = learner.step(next(views), ids=first[:4] + [f"s.tar#{i}" for i in range(8, 12)])  # half seen before
+    assert stats.diagnostics["memory_hit"] == 0.5
+    assert sorted(method.bank_keys.tolist()) == sorted(id_key(f"s.tar#{i}") for i in range(12))  # full, bounded
+    slots = [method.bank_keys.tolist().index(id_key(f"s.tar#{i}")) for i in range(4)]
+    assert all(float(method.bank[k] @ before[k]) < 1.0 - 1e-6 for k in slots)  # the seen ones moved
+    learner.step(next(views), ids=[f"s.tar#{i}" for i in range(12, 20)])
+    assert int((method.bank_keys != EMPTY).sum()) == 12  # still bounded: the oldest were overwritten
+    assert id_key("s.tar#19") in method.bank_keys.tolist() and id_key("s.tar#4") not in method.bank_keys.tolist()
+
+
+def test_npid_memory_update_is_the_papers_moving_average() -> None:
+    from streamssl.config import NPIDConfig
+
+    learner = Learner.build(MODEL, LearnerConfig(method="npid", batch_size=4),
+                            settings=NPIDConfig(memory_length=8, memory_momentum=0.5))
+    method = learner.method
+    g = torch.Generator().manual_seed(0)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, MODEL.out_dim, generator=g), dim=1)  # noqa: E731
+    method.bank[:4] = unit(4)
+    method.bank_keys[:4] = torch.arange(4) + 100
+    old, f = method.bank[:4].clone(), unit(4)
+    method._pending = (torch.tensor([100, 101, 7, 8]), torch.tensor([0, 1, -1, -1]), f)
+    method.bank_ptr.fill_(4)
+    method.after_update(0)
+    torch.testing.assert_close(method.bank[:2], torch.nn.functional.normalize(0.5 * old[:2] + 0.5 * f[:2], dim=1))
+    torch.testing.assert_close(method.bank[4:6], f[2:])  # new instances enter at the write pointer
+    assert method.bank_keys[4:6].tolist() == [7, 8] and int(method.bank_ptr) == 6

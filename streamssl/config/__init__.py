@@ -29,6 +29,7 @@ from streamssl.config.sections import (
     MetricsConfig,
     MoCoConfig,
     ModelConfig,
+    NPIDConfig,
     ProbeConfig,
     RunConfig,
     SimCLRConfig,
@@ -39,6 +40,6 @@ from streamssl.config.sections import (
 __all__ = [
     "DEBUG_ENV", "DEFAULT_PROFILE", "ENV_PREFIX", "SECTIONS", "AugmentConfig", "BYOLConfig", "CheckpointConfig",
     "CollapseConfig", "Config", "ConfigError", "DeepClusterConfig", "LearnerConfig", "MetricsConfig", "MoCoConfig",
-    "ModelConfig", "ProbeConfig", "RunConfig", "SimCLRConfig", "SourceConfig", "StoreConfig", "describe", "env_layer",
-    "find_profile", "overrides_layer", "resolve",
+    "ModelConfig", "NPIDConfig", "ProbeConfig", "RunConfig", "SimCLRConfig", "SourceConfig", "StoreConfig",
+    "describe", "env_layer", "find_profile", "overrides_layer", "resolve",
 ]

@@ -145,8 +145,8 @@ class LearnerConfig:
     (temperature to freeze_prototypes_steps) are here for the SwAV method; each other method has a section."""
 
     method: str = _f("swav", "The self-supervised method; each but SwAV has its own section ([simclr], [moco], "
-                     "[byol], [deepcluster]).",
-                     choices=("swav", "simclr", "moco", "byol", "deepcluster"))
+                     "[byol], [deepcluster], [npid]).",
+                     choices=("swav", "simclr", "moco", "byol", "deepcluster", "npid"))
     batch_size: int = _f(256, "Images per step (each gives every view).", ge=1)
     temperature: float = _f(0.1, "Softmax temperature of the swapped prediction.", gt=0)
     epsilon: float = _f(0.05, "Sinkhorn entropy regularisation. Lower it (0.03) if codes stay soft; raise "
@@ -211,6 +211,18 @@ class DeepClusterConfig:
                             "dataset, once per epoch).", ge=2)
     refresh_steps: int = _f(200, "Re-cluster every this many steps once the memory is full.", ge=1)
     kmeans_iters: int = _f(10, "k-means rounds per refresh, from the current centroids.", ge=1)
+
+
+@dataclass(frozen=True)
+class NPIDConfig:
+    """NPID (methods/npid.py): instance discrimination against a bounded memory keyed by sample id."""
+
+    temperature: float = _f(0.07, "Non-parametric softmax temperature (NPID: 0.07).", gt=0)
+    memory_length: int = _f(16384, "Instances remembered (the oldest overwritten first).", ge=1)
+    negatives: int = _f(4096, "Memory rows drawn as negatives per step (NPID's NCE: 4096).", ge=0)
+    memory_momentum: float = _f(0.5, "Memory update v <- normalise(m v + (1 - m) f) (NPID: 0.5).", ge=0, le=1)
+    proximal: float = _f(30.0, "Weight of the proximal term ||f - v||^2 for instances seen before (NPID: 30).",
+                         ge=0)
 
 
 @dataclass(frozen=True)
@@ -340,6 +352,7 @@ class Config:
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     deepcluster: DeepClusterConfig = field(default_factory=DeepClusterConfig)
+    npid: NPIDConfig = field(default_factory=NPIDConfig)
     byol: BYOLConfig = field(default_factory=BYOLConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

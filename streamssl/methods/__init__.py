@@ -1,7 +1,7 @@
 """The self-supervised methods the engine (engine.py) trains, one file each; base.py says what a method is.
 
 ``learner.method`` names one of ``METHODS``; ``make_method`` builds it with its own configuration section
-(``[simclr]``, ``[moco]``, ``[byol]``, ``[deepcluster]``; SwAV's settings are in ``[learner]``), which
+(``[simclr]``, ``[moco]``, ``[byol]``, ``[deepcluster]``, ``[npid]``; SwAV's settings are in ``[learner]``), which
 ``method_settings`` picks.
 """
 
@@ -16,12 +16,13 @@ from streamssl.methods.base import Diagnostic, Method
 from streamssl.methods.byol import BYOL
 from streamssl.methods.deepcluster import DeepClusterV2
 from streamssl.methods.moco import MoCo
+from streamssl.methods.npid import NPID
 from streamssl.methods.simclr import SimCLR
 from streamssl.methods.swav import SwAV
 from streamssl.sinkhorn import Reduce
 
 METHODS: dict[str, type[Method]] = {"swav": SwAV, "simclr": SimCLR, "moco": MoCo, "byol": BYOL,
-                                     "deepcluster": DeepClusterV2}
+                                     "deepcluster": DeepClusterV2, "npid": NPID}
 
 
 def method_settings(cfg: Config) -> Any:
@@ -41,6 +42,6 @@ def make_method(model_cfg: ModelConfig, cfg: LearnerConfig, *, device: torch.dev
 
 
 __all__ = [
-    "BYOL", "METHODS", "DeepClusterV2", "Diagnostic", "Method", "MoCo", "SimCLR", "SwAV", "make_method",
+    "BYOL", "METHODS", "NPID", "DeepClusterV2", "Diagnostic", "Method", "MoCo", "SimCLR", "SwAV", "make_method",
     "method_settings",
 ]

@@ -7,9 +7,10 @@ are found the same way whatever the method.
 
 The engine calls, for each batch of views:
 
-1. ``loss(views, mark, step)`` under autocast: the objective, and the method's diagnostics as 0-d tensors
-   (read with the step's other numbers in one transfer). ``mark(part)`` ends each of the method's timed
-   ``parts`` in order.
+1. ``loss(views, mark, step, ids)`` under autocast: the objective, and the method's diagnostics as 0-d
+   tensors (read with the step's other numbers in one transfer). ``mark(part)`` ends each of the method's
+   timed ``parts`` in order. ``ids``: a stable id per image (``Sample.id``: shard URL and member key), for
+   methods that remember instances (NPID); None where the views come without samples (benchmarks).
 2. ``after_backward(step)``: change gradients before the finite check (e.g. cancel frozen prototypes').
 3. ``after_update(step)``: only after an applied update, never after a skipped one: renormalise, EMA,
    push into a queue or memory.
@@ -57,7 +58,8 @@ class Method(nn.Module):
     health: ClassVar[str | None] = None  # the diagnostic collapse detection watches; None: no detection
     trunk: nn.Module
 
-    def loss(self, views: Sequence[Tensor], mark: Mark, step: int) -> tuple[Tensor, dict[str, Tensor | float]]:
+    def loss(self, views: Sequence[Tensor], mark: Mark, step: int,
+             ids: Sequence[str] | None = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         raise NotImplementedError
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:

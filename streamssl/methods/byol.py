@@ -79,7 +79,8 @@ class BYOL(Method):
     def _target(self) -> list[Tensor]:
         return [*self.target_trunk.parameters(), *self.target_head.parameters()]
 
-    def loss(self, views: Sequence[Tensor], mark: Mark, step: int) -> tuple[Tensor, dict[str, Tensor | float]]:
+    def loss(self, views: Sequence[Tensor], mark: Mark, step: int,
+             ids: Sequence[str] | None = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         n_views = len(views)
         if n_views < 2:
             raise ValueError(f"BYOL needs at least 2 views, got {n_views}")

@@ -84,7 +84,8 @@ class DeepClusterV2(Method):
         self.register_buffer("last_refresh", torch.full((), -1, dtype=torch.long))  # step of the last k-means
         self._emb: Tensor | None = None
 
-    def loss(self, views: Sequence[Tensor], mark: Mark, step: int) -> tuple[Tensor, dict[str, Tensor | float]]:
+    def loss(self, views: Sequence[Tensor], mark: Mark, step: int,
+             ids: Sequence[str] | None = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         n_views = len(views)
         assign = [t for t in self.cfg.crops_for_assign if t < n_views]
         if n_views < 2 or not assign:

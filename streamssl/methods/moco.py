@@ -84,7 +84,8 @@ class MoCo(Method):
         keys = torch.cat([self.key_head(self.key_trunk(chunk)) for chunk in batch[order].chunk(splits)])
         return F.normalize(keys.float(), dim=1)[torch.argsort(order)]
 
-    def loss(self, views: Sequence[Tensor], mark: Mark, step: int) -> tuple[Tensor, dict[str, Tensor | float]]:
+    def loss(self, views: Sequence[Tensor], mark: Mark, step: int,
+             ids: Sequence[str] | None = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         n_views = len(views)
         if n_views < 2:
             raise ValueError(f"MoCo needs at least 2 views, got {n_views}")

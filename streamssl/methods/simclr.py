@@ -64,7 +64,8 @@ class SimCLR(Method):
     def forward(self, views: Sequence[Tensor]) -> Tensor:
         return self.head(features_by_size(self.trunk, views))  # (V*B, D), not normalised
 
-    def loss(self, views: Sequence[Tensor], mark: Mark, step: int) -> tuple[Tensor, dict[str, Tensor | float]]:
+    def loss(self, views: Sequence[Tensor], mark: Mark, step: int,
+             ids: Sequence[str] | None = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         if len(views) < 2:
             raise ValueError(f"SimCLR needs at least 2 views, got {len(views)}")
         z = self(views)

@@ -87,7 +87,8 @@ class SwAV(Method):
         emb = F.normalize(self.head(features_by_size(self.trunk, views)), dim=1)
         return emb, self.prototypes(emb)
 
-    def loss(self, views: Sequence[Tensor], mark: Mark, step: int) -> tuple[Tensor, dict[str, Tensor | float]]:
+    def loss(self, views: Sequence[Tensor], mark: Mark, step: int,
+             ids: Sequence[str] | None = None) -> tuple[Tensor, dict[str, Tensor | float]]:
         cfg, n_views, batch = self.cfg, len(views), views[0].shape[0]
         if n_views < 2 or max(cfg.crops_for_assign) >= n_views:
             raise ValueError(f"{n_views} views given; crops_for_assign {cfg.crops_for_assign} needs more")
