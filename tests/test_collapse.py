@@ -13,7 +13,7 @@ from streamssl.collapse import Action, CollapseMonitor
 from streamssl.config import CollapseConfig, resolve
 from streamssl.daemon import Daemon
 from streamssl.methods.swav import max_code_entropy
-from streamssl.synthetic import view_stream
+from tests.synthetic import view_stream
 
 
 def test_monitor_snapshots_when_healthy_and_recovers_after_patience() -> None:

@@ -23,7 +23,7 @@ from streamssl.eval import (
     topk_accuracy,
 )
 from streamssl.pack import pack_shards
-from streamssl.synthetic import clustered_images
+from tests.synthetic import clustered_images
 
 
 def test_knn_votes_are_weighted_by_similarity() -> None:

@@ -17,7 +17,7 @@ from streamssl.engine import Learner
 from streamssl.errors import UsageError
 from streamssl.eval import load_trunk
 from streamssl.export import export, torchvision_model
-from streamssl.synthetic import view_stream
+from tests.synthetic import view_stream
 
 
 def make_checkpoint(folder: Path, small_stem: bool, stem_stride: int = 1, stem_pool: bool = False,

@@ -15,7 +15,7 @@ import streamssl.methods.swav as swav_module
 from streamssl.config import LearnerConfig, ModelConfig
 from streamssl.devices import native_bf16
 from streamssl.engine import Learner
-from streamssl.synthetic import view_stream
+from tests.synthetic import view_stream
 
 MODEL = ModelConfig(arch="resnet18", hidden_dim=128, out_dim=32, n_prototypes=32)
 LEARNER = LearnerConfig(batch_size=32, optimizer="adamw", base_lr=1e-3, warmup_steps=5, weight_decay=1e-4)

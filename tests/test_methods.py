@@ -21,7 +21,7 @@ from streamssl.methods.byol import momentum_at, normalized_mse
 from streamssl.methods.deepcluster import cluster_prediction_loss, spherical_kmeans
 from streamssl.methods.moco import info_nce
 from streamssl.methods.simclr import nt_xent
-from streamssl.synthetic import view_stream
+from tests.synthetic import view_stream
 from tests.test_daemon import config, make_shards
 from tests.test_eval import clustered_folder
 

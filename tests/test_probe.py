@@ -13,7 +13,7 @@ from streamssl.config import ModelConfig, ProbeConfig, resolve
 from streamssl.daemon import Daemon
 from streamssl.model import make_trunk
 from streamssl.probe import LiveProbe
-from streamssl.synthetic import view_stream
+from tests.synthetic import view_stream
 from tests.test_eval import clustered_folder
 
 

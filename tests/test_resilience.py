@@ -24,7 +24,7 @@ from streamssl.config import SourceConfig, resolve
 from streamssl.daemon import Daemon, DataPathFailed, NonFiniteRun
 from streamssl.samples import SampleStream
 from streamssl.source import FolderSource, PatternSource
-from streamssl.synthetic import view_stream
+from tests.synthetic import view_stream
 from tests.test_daemon import TINY, make_shards
 
 
