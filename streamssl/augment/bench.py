@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 
 from streamssl.config import AugmentConfig
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+from streamssl.images import IMAGE_EXTS  # what the stream accepts: the bench reads what a run would
 
 
 def synthetic_image(rng: np.random.Generator, width: int = 400, height: int = 300) -> np.ndarray:
