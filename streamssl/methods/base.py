@@ -24,6 +24,7 @@ after the daemon rolled it back to a healthy snapshot.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -31,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from streamssl.config import ModelConfig
+from streamssl.model import TRUNK_DIMS, make_head, make_trunk
 from streamssl.optim import param_groups
 
 Mark = Callable[[str], None]
@@ -57,6 +60,7 @@ class Method(nn.Module):
     diagnostics: ClassVar[tuple[Diagnostic, ...]] = ()
     health: ClassVar[str | None] = None  # the diagnostic collapse detection watches; None: no detection
     trunk: nn.Module
+    embed_dim: int
 
     def loss(self, views: Sequence[Tensor], mark: Mark, step: int,
              ids: Sequence[str] | None = None) -> tuple[Tensor, dict[str, Tensor | float]]:
@@ -83,8 +87,9 @@ class Method(nn.Module):
         return None
 
     def health_max(self, batch_size: int) -> float:
-        """The health signal's value in a healthy run (collapse is a fraction of it)."""
-        return 1.0
+        """The health signal's value in a healthy run (collapse is a fraction of it). By default the ceiling
+        of ``EMBEDDING_STD``: 1/sqrt(D), unit embeddings spread over the sphere."""
+        return 1 / math.sqrt(self.embed_dim)
 
     def start_recovery(self, step: int, recovery_steps: int, epsilon_factor: float) -> str:
         """After a rollback to a healthy snapshot: change what the method does for ``recovery_steps``; returns
@@ -106,6 +111,29 @@ def embedding_std(z: Tensor) -> Tensor:
     return torch.nn.functional.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
+def make_encoder(cfg: ModelConfig) -> tuple[nn.Module, int, nn.Module, int]:
+    """The encoder every method starts from: (trunk, its feature width, projection head, embedding width D),
+    built in that order (the order fixes the seeded initialisation)."""
+    trunk = make_trunk(cfg.arch, small_stem=cfg.small_stem, stem_stride=cfg.stem_stride, stem_pool=cfg.stem_pool)
+    head = make_head(TRUNK_DIMS[cfg.arch], cfg.hidden_dim, cfg.out_dim)
+    return trunk, TRUNK_DIMS[cfg.arch], head, cfg.out_dim or TRUNK_DIMS[cfg.arch]
+
+
+@torch.no_grad()
+def ema_(target: list[Tensor], online: list[Tensor], momentum: float) -> None:
+    """``target <- momentum * target + (1 - momentum) * online``, in place, with multi-tensor ops."""
+    torch._foreach_mul_(target, momentum)
+    torch._foreach_add_(target, online, alpha=1 - momentum)
+
+
+def ring_slots(ptr: Tensor, n: int, length: int) -> Tensor:
+    """Slots of the next ``n`` rows of a FIFO ring of ``length`` rows (the oldest first overwritten); advances
+    ``ptr`` (a 0-d long buffer) past them. ``n`` <= ``length``."""
+    index = (ptr + torch.arange(n, device=ptr.device)) % length
+    ptr.copy_((ptr + n) % length)
+    return index
+
+
 def features_by_size(trunk: nn.Module, views: Sequence[Tensor]) -> Tensor:
     """(V*B, F) trunk features; consecutive views of equal size share one trunk call (one batch-norm batch per
     resolution, as in SwAV's multi-crop forward)."""
@@ -121,4 +149,5 @@ def features_by_size(trunk: nn.Module, views: Sequence[Tensor]) -> Tensor:
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
-__all__ = ["EMBEDDING_STD", "Diagnostic", "Mark", "Method", "embedding_std", "features_by_size"]
+__all__ = ["EMBEDDING_STD", "Diagnostic", "Mark", "Method", "ema_", "embedding_std", "features_by_size",
+           "make_encoder", "ring_slots"]

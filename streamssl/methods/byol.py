@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from streamssl.config import BYOLConfig, LearnerConfig, ModelConfig
-from streamssl.methods.base import EMBEDDING_STD, Mark, Method, embedding_std, features_by_size
-from streamssl.model import TRUNK_DIMS, make_head, make_trunk
+from streamssl.methods.base import EMBEDDING_STD, Mark, Method, ema_, embedding_std, features_by_size, make_encoder
 
 
 def normalized_mse(p: Tensor, z: Tensor) -> Tensor:
@@ -61,11 +60,7 @@ class BYOL(Method):
                  settings: BYOLConfig | None = None, **_: Any) -> None:
         super().__init__()
         self.settings = settings or BYOLConfig()
-        self.trunk = make_trunk(model_cfg.arch, small_stem=model_cfg.small_stem, stem_stride=model_cfg.stem_stride,
-                                stem_pool=model_cfg.stem_pool)
-        self.feature_dim = TRUNK_DIMS[model_cfg.arch]
-        self.head = make_head(self.feature_dim, model_cfg.hidden_dim, model_cfg.out_dim)
-        self.embed_dim = model_cfg.out_dim or self.feature_dim
+        self.trunk, self.feature_dim, self.head, self.embed_dim = make_encoder(model_cfg)
         hidden = self.settings.predictor_dim
         self.predictor = nn.Sequential(nn.Linear(self.embed_dim, hidden), nn.BatchNorm1d(hidden),
                                        nn.ReLU(inplace=True), nn.Linear(hidden, self.embed_dim))
@@ -101,18 +96,13 @@ class BYOL(Method):
     @torch.no_grad()
     def after_update(self, step: int) -> None:
         tau = self.settings.final_momentum if self.recovering else momentum_at(step, self.settings)
-        target = self._target()
-        torch._foreach_mul_(target, tau)
-        torch._foreach_add_(target, self._online(), alpha=1 - tau)
+        ema_(self._target(), self._online(), tau)
 
     def extra_state(self) -> dict[str, Any]:
         return {"recovering": self.recovering}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.recovering = bool(state.get("recovering", False))
-
-    def health_max(self, batch_size: int) -> float:
-        return 1 / math.sqrt(self.embed_dim)
 
     def start_recovery(self, step: int, recovery_steps: int, epsilon_factor: float) -> str:
         self.recovering = True

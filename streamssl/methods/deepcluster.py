@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from streamssl.config import DeepClusterConfig, LearnerConfig, ModelConfig
-from streamssl.methods.base import Mark, Method, features_by_size
-from streamssl.methods.swav import SwAV, hard_code_usage, max_code_entropy
-from streamssl.model import TRUNK_DIMS, make_head, make_trunk
+from streamssl.methods.base import Mark, Method, features_by_size, make_encoder, ring_slots
+from streamssl.methods.swav import SwAV, label_usage, max_code_entropy
 
 
 @torch.no_grad()
@@ -71,11 +70,7 @@ class DeepClusterV2(Method):
         super().__init__()
         self.cfg = cfg
         self.settings = settings or DeepClusterConfig()
-        self.trunk = make_trunk(model_cfg.arch, small_stem=model_cfg.small_stem, stem_stride=model_cfg.stem_stride,
-                                stem_pool=model_cfg.stem_pool)
-        self.feature_dim = TRUNK_DIMS[model_cfg.arch]
-        self.head = make_head(self.feature_dim, model_cfg.hidden_dim, model_cfg.out_dim)
-        self.embed_dim = model_cfg.out_dim or self.feature_dim
+        self.trunk, self.feature_dim, self.head, self.embed_dim = make_encoder(model_cfg)
         k = model_cfg.n_prototypes
         self.register_buffer("centroids", F.normalize(torch.randn(k, self.embed_dim), dim=1))
         self.register_buffer("memory", torch.zeros(self.settings.memory_length, self.embed_dim))
@@ -97,7 +92,7 @@ class DeepClusterV2(Method):
         mark("loss")
         batch = views[0].shape[0]
         self._emb = torch.cat([emb[t * batch:(t + 1) * batch] for t in assign]).detach().float()
-        entropy, in_use = hard_code_usage([F.one_hot(label, self.centroids.shape[0]) for label in labels])
+        entropy, in_use = label_usage(torch.cat(labels))
         return loss, {"code_entropy": entropy, "prototypes_in_use": in_use}
 
     @torch.no_grad()
@@ -114,9 +109,7 @@ class DeepClusterV2(Method):
     def _remember(self, emb: Tensor) -> None:
         length = self.memory.shape[0]
         emb = emb[-length:]
-        index = (self.memory_ptr + torch.arange(emb.shape[0], device=emb.device)) % length
-        self.memory[index] = emb
-        self.memory_ptr.copy_((self.memory_ptr + emb.shape[0]) % length)
+        self.memory[ring_slots(self.memory_ptr, emb.shape[0], length)] = emb
         self.memory_fill.copy_(torch.clamp(self.memory_fill + emb.shape[0], max=length))
 
     @torch.no_grad()

@@ -21,7 +21,6 @@ is the rollback alone.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,8 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from streamssl.config import LearnerConfig, MoCoConfig, ModelConfig
-from streamssl.methods.base import EMBEDDING_STD, Mark, Method, embedding_std, features_by_size
-from streamssl.model import TRUNK_DIMS, make_head, make_trunk
+from streamssl.methods.base import (
+    EMBEDDING_STD,
+    Mark,
+    Method,
+    ema_,
+    embedding_std,
+    features_by_size,
+    make_encoder,
+    ring_slots,
+)
 
 
 def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
@@ -55,11 +62,7 @@ class MoCo(Method):
                  settings: MoCoConfig | None = None, **_: Any) -> None:
         super().__init__()
         self.settings = settings or MoCoConfig()
-        self.trunk = make_trunk(model_cfg.arch, small_stem=model_cfg.small_stem, stem_stride=model_cfg.stem_stride,
-                                stem_pool=model_cfg.stem_pool)
-        self.feature_dim = TRUNK_DIMS[model_cfg.arch]
-        self.head = make_head(self.feature_dim, model_cfg.hidden_dim, model_cfg.out_dim)
-        self.embed_dim = model_cfg.out_dim or self.feature_dim
+        self.trunk, self.feature_dim, self.head, self.embed_dim = make_encoder(model_cfg)
         self.key_trunk = copy.deepcopy(self.trunk).requires_grad_(False)
         self.key_head = copy.deepcopy(self.head).requires_grad_(False)
         # Random unit keys to start with, as the authors do; replaced as batches come.
@@ -108,10 +111,7 @@ class MoCo(Method):
 
     @torch.no_grad()
     def after_update(self, step: int) -> None:
-        m = self.settings.momentum
-        momentum = self._momentum()
-        torch._foreach_mul_(momentum, m)
-        torch._foreach_add_(momentum, self._online(), alpha=1 - m)
+        ema_(self._momentum(), self._online(), self.settings.momentum)
         if self._keys is not None:
             self._push(self._keys)
         self._keys = None
@@ -119,11 +119,8 @@ class MoCo(Method):
     @torch.no_grad()
     def _push(self, keys: Tensor) -> None:
         """FIFO: the newest keys overwrite the oldest; more keys than the queue holds keep the newest."""
-        length = self.queue.shape[0]
-        keys = keys[-length:]
-        index = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % length
-        self.queue[index] = keys.to(self.queue.dtype)
-        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % length)
+        keys = keys[-self.queue.shape[0]:]
+        self.queue[ring_slots(self.queue_ptr, keys.shape[0], self.queue.shape[0])] = keys.to(self.queue.dtype)
 
     def extra_state(self) -> dict[str, Any]:
         return {"shuffle": self._shuffle.get_state()}
@@ -132,8 +129,6 @@ class MoCo(Method):
         if "shuffle" in state:
             self._shuffle.set_state(state["shuffle"])
 
-    def health_max(self, batch_size: int) -> float:
-        return 1 / math.sqrt(self.embed_dim)
 
 
 __all__ = ["MoCo", "info_nce"]

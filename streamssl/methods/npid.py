@@ -21,7 +21,6 @@ the share of the batch already in the bank.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,8 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from streamssl.config import LearnerConfig, ModelConfig, NPIDConfig
-from streamssl.methods.base import EMBEDDING_STD, Diagnostic, Mark, Method, embedding_std, features_by_size
-from streamssl.model import TRUNK_DIMS, make_head, make_trunk
+from streamssl.methods.base import (
+    EMBEDDING_STD,
+    Diagnostic,
+    Mark,
+    Method,
+    embedding_std,
+    features_by_size,
+    make_encoder,
+    ring_slots,
+)
 
 EMPTY = -1  # bank key of a slot never written
 NO_ID = -2  # key of an image without an id: never matches
@@ -56,11 +63,7 @@ class NPID(Method):
                  settings: NPIDConfig | None = None, **_: Any) -> None:
         super().__init__()
         self.settings = settings or NPIDConfig()
-        self.trunk = make_trunk(model_cfg.arch, small_stem=model_cfg.small_stem, stem_stride=model_cfg.stem_stride,
-                                stem_pool=model_cfg.stem_pool)
-        self.feature_dim = TRUNK_DIMS[model_cfg.arch]
-        self.head = make_head(self.feature_dim, model_cfg.hidden_dim, model_cfg.out_dim)
-        self.embed_dim = model_cfg.out_dim or self.feature_dim
+        self.trunk, self.feature_dim, self.head, self.embed_dim = make_encoder(model_cfg)
         length = self.settings.memory_length
         self.register_buffer("bank", torch.zeros(length, self.embed_dim))
         self.register_buffer("bank_keys", torch.full((length,), EMPTY, dtype=torch.long))
@@ -126,10 +129,9 @@ class NPID(Method):
             self.bank[slots[seen]] = F.normalize(m * self.bank[slots[seen]] + (1 - m) * f[seen], dim=1)
         new = (~seen).nonzero().flatten()[-self.bank.shape[0]:]
         if new.numel():  # FIFO: new instances overwrite the oldest slots
-            index = (self.bank_ptr + torch.arange(new.numel(), device=f.device)) % self.bank.shape[0]
+            index = ring_slots(self.bank_ptr, new.numel(), self.bank.shape[0])
             self.bank[index] = f[new]
             self.bank_keys[index] = keys[new]
-            self.bank_ptr.copy_((self.bank_ptr + new.numel()) % self.bank.shape[0])
 
     def extra_state(self) -> dict[str, Any]:
         return {"negatives": self._negatives.get_state()}
@@ -138,8 +140,6 @@ class NPID(Method):
         if "negatives" in state:
             self._negatives.set_state(state["negatives"])
 
-    def health_max(self, batch_size: int) -> float:
-        return 1 / math.sqrt(self.embed_dim)
 
 
 __all__ = ["NPID", "id_key"]

@@ -13,7 +13,6 @@ collapse recovery is the rollback to the last healthy snapshot alone.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,8 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from streamssl.config import LearnerConfig, ModelConfig, SimCLRConfig
-from streamssl.methods.base import EMBEDDING_STD, Mark, Method, embedding_std, features_by_size
-from streamssl.model import TRUNK_DIMS, make_head, make_trunk
+from streamssl.methods.base import EMBEDDING_STD, Mark, Method, embedding_std, features_by_size, make_encoder
 
 
 def nt_xent(z: Tensor, n_views: int, temperature: float) -> Tensor:
@@ -55,11 +53,7 @@ class SimCLR(Method):
                  settings: SimCLRConfig | None = None, **_: Any) -> None:
         super().__init__()
         self.settings = settings or SimCLRConfig()
-        self.trunk = make_trunk(model_cfg.arch, small_stem=model_cfg.small_stem, stem_stride=model_cfg.stem_stride,
-                                stem_pool=model_cfg.stem_pool)
-        self.feature_dim = TRUNK_DIMS[model_cfg.arch]
-        self.head = make_head(self.feature_dim, model_cfg.hidden_dim, model_cfg.out_dim)
-        self.embed_dim = model_cfg.out_dim or self.feature_dim
+        self.trunk, self.feature_dim, self.head, self.embed_dim = make_encoder(model_cfg)
 
     def forward(self, views: Sequence[Tensor]) -> Tensor:
         return self.head(features_by_size(self.trunk, views))  # (V*B, D), not normalised
@@ -75,8 +69,6 @@ class SimCLR(Method):
         mark("loss")
         return loss, {"embedding_std": embedding_std(z)}
 
-    def health_max(self, batch_size: int) -> float:
-        return 1 / math.sqrt(self.embed_dim)
 
 
 __all__ = ["SimCLR", "nt_xent"]

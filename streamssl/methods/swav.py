@@ -29,8 +29,7 @@ from torch import Tensor, nn
 
 from streamssl.config import LearnerConfig, ModelConfig
 from streamssl.loss import swapped_prediction_loss
-from streamssl.methods.base import Diagnostic, Mark, Method, features_by_size
-from streamssl.model import TRUNK_DIMS, make_head, make_trunk
+from streamssl.methods.base import Diagnostic, Mark, Method, features_by_size, make_encoder
 from streamssl.queue import FeatureQueue
 from streamssl.sinkhorn import Reduce, sinkhorn
 
@@ -59,11 +58,7 @@ class SwAV(Method):
         super().__init__()
         self.cfg = cfg
         self.reduce = reduce
-        self.trunk = make_trunk(model_cfg.arch, small_stem=model_cfg.small_stem, stem_stride=model_cfg.stem_stride,
-                                stem_pool=model_cfg.stem_pool)
-        self.feature_dim = TRUNK_DIMS[model_cfg.arch]
-        self.head = make_head(self.feature_dim, model_cfg.hidden_dim, model_cfg.out_dim)
-        self.embed_dim = model_cfg.out_dim or self.feature_dim
+        self.trunk, self.feature_dim, self.head, self.embed_dim = make_encoder(model_cfg)
         self.prototypes = nn.Linear(self.embed_dim, model_cfg.n_prototypes, bias=False)
         self.normalize_prototypes()
         self.queue = (FeatureQueue(len(cfg.crops_for_assign), cfg.queue_length, self.embed_dim,
@@ -171,13 +166,17 @@ def max_code_entropy(n_images: int, n_assign: int, n_prototypes: int) -> float:
 
 
 def hard_code_usage(codes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Entropy (nats) of the histogram of argmax codes over all assignment views, and its support size, as
-    0-d tensors on the codes' device (read with the step's other numbers, in one transfer)."""
-    hard = torch.cat([q.argmax(dim=1) for q in codes])  # (A*B,)
+    """``label_usage`` of the argmax codes of all assignment views."""
+    return label_usage(torch.cat([q.argmax(dim=1) for q in codes]))  # (A*B,)
+
+
+def label_usage(hard: Tensor) -> tuple[Tensor, Tensor]:
+    """Entropy (nats) of the histogram of hard labels (N,), and its support size, as 0-d tensors on their
+    device (read with the step's other numbers, in one transfer)."""
     counts = torch.bincount(hard).float()
     in_use = (counts > 0).sum()
     p = counts / counts.sum()
     return -torch.special.xlogy(p, p).sum(), in_use
 
 
-__all__ = ["COSINE_SPREAD", "SwAV", "hard_code_usage", "max_code_entropy"]
+__all__ = ["COSINE_SPREAD", "SwAV", "hard_code_usage", "label_usage", "max_code_entropy"]
