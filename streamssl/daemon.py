@@ -45,7 +45,8 @@ from streamssl.engine import ENGINE_PARTS, Learner, StepStats
 from streamssl.errors import RuntimeFailure, StreamsslError
 from streamssl.feeder import END, Batch, Feeder
 from streamssl.methods import method_settings
-from streamssl.metrics import Metrics, MetricsServer
+from streamssl.metrics import Metrics
+from streamssl.metrics_server import MetricsServer
 from streamssl.probe import LiveProbe
 from streamssl.progress import History, format_progress
 from streamssl.redis_client import TLSFiles

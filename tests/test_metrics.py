@@ -21,7 +21,8 @@ from streamssl import __version__
 from streamssl import metrics as metrics_module
 from streamssl.engine import ENGINE_PARTS
 from streamssl.methods.swav import SwAV
-from streamssl.metrics import BAD_REASONS, Metrics, MetricsServer
+from streamssl.metrics import BAD_REASONS, Metrics
+from streamssl.metrics_server import MetricsServer
 from streamssl.reasons import BAD_REASONS as SAMPLE_REASONS
 
 # SwAV's diagnostics and parts, as the daemon declares them for a SwAV run
