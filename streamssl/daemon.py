@@ -17,7 +17,6 @@ after the last *trained* batch, so prefetched batches are read again after a res
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -38,7 +37,6 @@ from torch import Tensor
 
 from streamssl.augment import make_multicrop
 from streamssl.checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError, rng_state, set_rng_state
-from streamssl.collapse import Action, CollapseMonitor
 from streamssl.config import Config
 from streamssl.devices import pick_device, use_device
 from streamssl.engine import ENGINE_PARTS, Learner, StepStats
@@ -49,6 +47,7 @@ from streamssl.metrics import Metrics
 from streamssl.metrics_server import MetricsServer
 from streamssl.probe import LiveProbe
 from streamssl.progress import History, format_progress
+from streamssl.recovery import CollapseRecovery, NonFiniteStreak
 from streamssl.redis_client import TLSFiles
 from streamssl.resume import check_fits, does_not_fit
 from streamssl.samples import SampleStream
@@ -56,10 +55,6 @@ from streamssl.source import make_source
 from streamssl.store import BackgroundWriter, open_store
 
 log = logging.getLogger("streamssl.daemon")
-
-
-class NonFiniteRun(RuntimeFailure):
-    """Every step for ``run.max_nonfinite_steps`` was non-finite: the model or its input is broken."""
 
 
 class DataPathFailed(RuntimeFailure):
@@ -120,15 +115,14 @@ class Daemon:
         self.error: BaseException | None = None  # set when the run stops on an error after a clean shutdown
         self._write_final_checkpoint = True
         self.last_checkpoint_error: BaseException | None = None
-        self._nonfinite_streak = 0
         self._last_ckpt_time = time.monotonic()
         self._last_ckpt_step = -1
         self._last_ckpt_path: str | None = None
         self._last_heartbeat = 0.0
         self._published: Tensor | None = None
         self.history = History(os.path.join(cfg.checkpoint.dir, "history.jsonl"))
-        self.monitor = CollapseMonitor(cfg.collapse, method.health_max(cfg.learner.batch_size))
-        self._snapshot: dict[str, Any] | None = None
+        self.recovery = CollapseRecovery(cfg, self.learner, self.metrics, self.history)
+        self.nonfinite = NonFiniteStreak(cfg, self.echo, self.history)
         self.probe: LiveProbe | None = None
         if cfg.probe.dataset:
             self.probe = LiveProbe(cfg.probe, size=cfg.augment.sizes[0], mean=cfg.augment.mean,
@@ -258,35 +252,6 @@ class Daemon:
         self.writer.heartbeat(self.learner_id, info, self.cfg.store.heartbeat_ttl_s)
         self._last_heartbeat = time.monotonic()
 
-    def watch_collapse(self, stats: StepStats) -> None:
-        """Snapshot while healthy; on collapse roll back and start a recovery (collapse.py explains it)."""
-        learner, cfg = self.learner, self.cfg
-        health = learner.method.health
-        if health is None or health not in stats.diagnostics:
-            return
-        value = stats.diagnostics[health]
-        action = self.monitor.update(stats.step, value)
-        if action is Action.SNAPSHOT:
-            self._snapshot = copy.deepcopy(learner.state_dict())
-        elif action is Action.RECOVER:
-            collapsed_at = learner.step_count
-            if self._snapshot is not None:
-                learner.load_state_dict(copy.deepcopy(self._snapshot))
-            what = learner.method.start_recovery(learner.step_count, cfg.collapse.recovery_steps,
-                                                 cfg.collapse.epsilon_factor)
-            self.monitor.start_recovery(learner.step_count)
-            self.metrics.collapse(True)
-            self.metrics.collapse_recovered()
-            self.history.event({"time": round(time.time(), 3), "event": "collapse", "step": collapsed_at,
-                                "rolled_back_to": learner.step_count, health: value})
-            log.warning("collapse at step %d (%s %.3f for %d steps): rolled back to step %d, %s", collapsed_at,
-                        health.replace("_", " "), value, cfg.collapse.patience_steps, learner.step_count, what)
-        elif action is Action.RECOVERED:
-            what = learner.method.end_recovery()
-            self.metrics.collapse(False)
-            self.history.event({"time": round(time.time(), 3), "event": "recovered", "step": learner.step_count})
-            log.info("collapse recovery over at step %d; %s", learner.step_count, what)
-
     def run_probe(self) -> None:
         assert self.probe is not None
         result = self.probe.measure(self.learner.model.trunk)
@@ -405,11 +370,12 @@ class Daemon:
                     self.metrics.set_source_idle(self.stream.idle_seconds())
                 step = stats.step
                 if stats.skipped:
-                    self._nonfinite_streak += 1
-                    if self._nonfinite(stats):
+                    error = self.nonfinite.skipped(stats, self.learner.n_skipped, self._last_ckpt_path)
+                    if error is not None:  # nothing learned since the last checkpoint: do not write one
+                        self._write_final_checkpoint, self.error = False, error
                         break
                     continue
-                self._nonfinite_streak = 0
+                self.nonfinite.reset()
                 if step % cfg.run.log_every_steps == 0:
                     elapsed = time.monotonic() - window_start
                     self.metrics.set_data_wait_share(window_wait / elapsed)
@@ -419,7 +385,7 @@ class Daemon:
                     self.history.write(stats, images=self.images, images_per_s=window_images / elapsed,
                                        data_wait=window_wait / elapsed, skipped_steps=self.learner.n_skipped)
                     window_images, window_wait, window_start = 0, 0.0, time.monotonic()
-                self.watch_collapse(stats)
+                self.recovery.watch(stats)
                 if self.probe is not None and step % cfg.probe.every_steps == 0:
                     self.run_probe()
                 if step % cfg.store.every_steps == 0:
@@ -433,24 +399,6 @@ class Daemon:
             if self.feeder is not None:
                 self.feeder.stop()
         return stats, n_images_run
-
-    def _nonfinite(self, stats: StepStats) -> bool:
-        """After a skipped step: a progress line every log_every_steps of them, and True (stop) after
-        run.max_nonfinite_steps in a row."""
-        streak, limit = self._nonfinite_streak, self.cfg.run.max_nonfinite_steps
-        if streak % self.cfg.run.log_every_steps == 0:
-            self.echo(f"step {stats.step:>7} | skipped {streak} non-finite steps in a row "
-                      f"({self.learner.n_skipped} in all){f'; stopping at {limit}' if limit else ''}")
-            self.history.event({"time": round(time.time(), 3), "event": "nonfinite", "step": stats.step,
-                                "streak": streak, "skipped_steps": self.learner.n_skipped})
-        if not limit or streak < limit:
-            return False
-        self._write_final_checkpoint = False
-        self.error = NonFiniteRun(
-            f"the last {streak} steps were all non-finite (loss or gradients NaN or inf), so nothing was learned: "
-            f"stopped without a checkpoint; the last good one is {self._last_ckpt_path or 'none'}. Check the input "
-            "and lower learner.base_lr, or resume from an older checkpoint (run.max_nonfinite_steps sets the limit)")
-        return True
 
     def close(self) -> None:
         if self.feeder is not None:

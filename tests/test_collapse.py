@@ -56,12 +56,12 @@ def test_forced_collapse_is_detected_rolled_back_and_recovered(tmp_path: Path) -
         normal = view_stream(16, (32, 16), (2, 2), n_clusters=4, image_size=48)
         while True:
             learner = daemon.learner
-            if learner.step_count >= 6 and not daemon.monitor.collapsed and "recovered" not in seen:
+            if learner.step_count >= 6 and not daemon.recovery.monitor.collapsed and "recovered" not in seen:
                 # sabotage: the head maps every image to the same embedding (a collapsed representation)
                 with torch.no_grad():
                     learner.model.head[-1].weight.zero_()
                     learner.model.head[-1].bias.fill_(1.0)
-            if daemon.monitor.collapsed:
+            if daemon.recovery.monitor.collapsed:
                 seen["recovered"] = True
                 seen.setdefault("eps", learner.method.epsilon)
                 seen.setdefault("frozen_until", learner.method.frozen_until)

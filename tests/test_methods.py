@@ -162,11 +162,11 @@ def test_a_collapsed_byol_is_seen_by_its_embedding_spread_rolled_back_and_recove
         normal = view_stream(16, (32, 16), (2, 2), n_clusters=4, image_size=48)
         while True:
             learner = daemon.learner
-            if learner.step_count >= 5 and not daemon.monitor.collapsed and "recovering" not in seen:
+            if learner.step_count >= 5 and not daemon.recovery.monitor.collapsed and "recovering" not in seen:
                 with torch.no_grad():  # sabotage: every image projects to the same point
                     learner.model.head[-1].weight.zero_()
                     learner.model.head[-1].bias.fill_(1.0)
-            if daemon.monitor.collapsed:
+            if daemon.recovery.monitor.collapsed:
                 seen.setdefault("recovering", learner.method.recovering)
             yield next(normal)
 

@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 from streamssl import checkpoint as checkpoint_module
 from streamssl.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from streamssl.config import SourceConfig, resolve
-from streamssl.daemon import Daemon, DataPathFailed, NonFiniteRun
+from streamssl.daemon import Daemon, DataPathFailed
+from streamssl.recovery import NonFiniteRun
 from streamssl.samples import SampleStream
 from streamssl.source import FolderSource, PatternSource
 from tests.synthetic import view_stream
