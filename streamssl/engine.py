@@ -130,7 +130,7 @@ class Learner:
         timer.start()
         lr = lr_at(step, self.cfg, progress)
         set_lr(self.optimizer, lr)
-        buffers = [b.detach().clone() for b in method.buffers()]  # restored if the step is skipped
+        saved = [(b, b.detach().clone()) for b in method.forward_buffers()]  # restored if the step is skipped
         method.train()
         views = [v.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format) for v in views]
         with self._autocast():
@@ -149,8 +149,8 @@ class Learner:
         if skipped:
             self.n_skipped += 1
             with torch.no_grad():
-                for b, saved in zip(method.buffers(), buffers, strict=True):
-                    b.copy_(saved)
+                for b, copy in saved:
+                    b.copy_(copy)
         else:
             self.optimizer.step()
             self.step_count += 1

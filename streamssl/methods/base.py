@@ -70,6 +70,12 @@ class Method(nn.Module):
         """The optimizer's groups: weights decayed and LARS-adapted, BN parameters and biases neither."""
         return param_groups(self, weight_decay)
 
+    def forward_buffers(self) -> list[Tensor]:
+        """The buffers a forward pass changes in place, which the engine restores after a skipped step: the
+        batch-norm statistics. A method's own state (a queue, a memory, centroids) changes only in
+        ``after_update``, which a skipped step never reaches, so it is not copied every step."""
+        return [b for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
     def after_backward(self, step: int) -> None:
         """Gradients computed, update not yet decided."""
 

@@ -91,16 +91,15 @@ class NPID(Method):
             seen = match.any(dim=1)  # (B,)
             slot = match.float().argmax(dim=1)  # the instance's slot where seen
             memory = self.bank[slot].detach()
+            own_pair = torch.eye(batch, dtype=torch.bool, device=f.device)
             losses, proximal = [], []
             for own, other in ((f0, f1), (f1, f0)):
                 positive = torch.where(seen[:, None], memory, other.detach())  # (B, D)
                 negatives = self._negative_rows(f.device)  # (N, D), may be empty
-                logits = torch.cat([(own * positive).sum(dim=1, keepdim=True), own @ negatives.T,
-                                    own @ other.detach().T], dim=1)  # (B, 1 + N + B)
-                # the other image's view is a negative; its own other view is the positive, not a negative
-                own_pair = torch.eye(batch, dtype=torch.bool, device=f.device)
-                logits[:, 1 + negatives.shape[0]:] = logits[:, 1 + negatives.shape[0]:].masked_fill(own_pair,
-                                                                                                  float("-inf"))
+                # the other images' views are negatives; an image's own other view is not
+                in_batch = (own @ other.detach().T).masked_fill(own_pair, float("-inf"))  # (B, B)
+                logits = torch.cat([(own * positive).sum(dim=1, keepdim=True), own @ negatives.T, in_batch],
+                                   dim=1)  # (B, 1 + N + B)
                 losses.append(F.cross_entropy(logits / s.temperature,
                                               torch.zeros(batch, dtype=torch.long, device=f.device)))
                 proximal.append(((own - memory) ** 2).sum(dim=1)[seen].sum() / batch)
