@@ -6,7 +6,7 @@ One command, in order, never two trainings at once:
    ``WORKDIR/shards`` (once; later runs reuse them);
 2. trains streamssl on them as a stream: ``streamssl run --config pipelines/fmnist-cpu.toml`` with
    ``run.max_seconds`` = the budget and a checkpoint every ``--snapshot-min`` minutes;
-3. trains lightly's SwaV (``benchmarks/lightly_swav.py``; with ``--lightly-arg=--objective=simclr`` lightly's
+3. trains lightly's SwaV (``benchmarks/lightly_baseline.py``; with ``--lightly-arg=--objective=simclr`` lightly's
    SimCLR) for the same budget on the same images with the same views, trunk and batch (read from the
    resolved streamssl profile), saving its trunk as often;
 4. evaluates every snapshot of both, an untrained trunk and the raw pixels with the weighted kNN of
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Extra streamssl override (repeatable); the lightly side follows view, trunk and batch "
                         "changes.")
     p.add_argument("--lightly-arg", action="append", default=[], metavar="ARG",
-                   help="Extra argument for lightly_swav.py (repeatable), e.g. --lightly-arg=--n-prototypes=300.")
+                   help="Extra argument for lightly_baseline.py (repeatable), e.g. --lightly-arg=--n-prototypes=300.")
     p.add_argument("--per-shard", type=int, default=1000, help="Images per shard when packing.")
     p.add_argument("--k", type=int, default=20, help="kNN neighbours.")
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature.")
@@ -175,13 +175,13 @@ def streamssl_command(args: argparse.Namespace, pattern: str, run_dir: Path) -> 
 
 
 def lightly_command(args: argparse.Namespace, cfg: Config, out: Path) -> list[str]:
-    """lightly_swav.py with the data, views, trunk, batch, normalisation and budget of the streamssl run."""
+    """lightly_baseline.py with the data, views, trunk, batch, normalisation and budget of the streamssl run."""
     a, m, lr = cfg.augment, cfg.model, cfg.learner
 
     def nums(values: Any) -> list[str]:
         return [f"{v:g}" for v in values]
 
-    return [sys.executable, str(HERE / "lightly_swav.py"), "--out", str(out),
+    return [sys.executable, str(HERE / "lightly_baseline.py"), "--out", str(out),
             "--budget-s", f"{args.budget_min * 60:g}", "--snapshot-s", f"{args.snapshot_min * 60:g}",
             "--fashion-mnist", args.fashion_mnist, "--arch", m.arch,
             "--small-stem" if m.small_stem else "--no-small-stem", "--stem-stride", str(m.stem_stride),
@@ -215,8 +215,8 @@ def run_streamssl(args: argparse.Namespace, pattern: str, run_dir: Path) -> dict
 
 
 def lightly_objective(cmd: list[str]) -> str:
-    """The objective (``swav`` or ``simclr``) a lightly_swav.py command line trains, as the script reads it."""
-    from lightly_swav import parse_args as lightly_parse_args
+    """The objective (``swav`` or ``simclr``) a lightly_baseline.py command line trains, as the script reads it."""
+    from lightly_baseline import parse_args as lightly_parse_args
 
     return lightly_parse_args(cmd[2:]).objective
 
@@ -236,7 +236,7 @@ def run_lightly(args: argparse.Namespace, cfg: Config, out: Path) -> dict[str, A
     cmd = lightly_command(args, cfg, out)
     code, _ = _stream(cmd, out.parent / "lightly.log")
     if code != 0:
-        raise SystemExit(f"lightly_swav.py failed with exit code {code}; see {out.parent / 'lightly.log'} "
+        raise SystemExit(f"lightly_baseline.py failed with exit code {code}; see {out.parent / 'lightly.log'} "
                          "(pip install lightly?)")
     info = {"command": cmd}
     (out / "timing.json").write_text(json.dumps(info))
@@ -291,7 +291,7 @@ def eval_streamssl(run_dir: Path, train: LabeledImages, test: LabeledImages, arg
 def eval_lightly(out: Path, train: LabeledImages, test: LabeledImages, cfg: Config, args: argparse.Namespace,
                  ) -> list[dict[str, Any]]:
     sys.path.insert(0, str(HERE))
-    from lightly_swav import load_snapshot_trunk
+    from lightly_baseline import load_snapshot_trunk
 
     rows = []
     for path in sorted(out.glob("snap-*.pt")):

@@ -1,7 +1,7 @@
 """Diagnostic for the quality benchmark: weighted kNN top-1 of each ResNet stage's average-pooled output.
 
 Not the benchmark's protocol (that scores the trunk's pooled output only): a look at where in a frozen trunk
-the kNN accuracy is made. For a streamssl checkpoint (``ckpt-*.pt``) or a ``benchmarks/lightly_swav.py``
+the kNN accuracy is made. For a streamssl checkpoint (``ckpt-*.pt``) or a ``benchmarks/lightly_baseline.py``
 snapshot (``snap-*.pt``), it prints top-1 for layer2, layer3, layer4 and layer3 and layer4 side by side (each
 L2-normalised), with the kNN of ``streamssl.eval`` (k=20, T=0.07) on Fashion-MNIST, at the run's global view
 size and normalisation (read from the checkpoint, as ``benchmarks/quality.py`` does). Example::
@@ -34,10 +34,10 @@ STAGES = ("layer2", "layer3", "layer4")
 
 
 def load(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The trunk of a streamssl checkpoint or a lightly_swav.py snapshot, and its views' settings (sizes, mean,
+    """The trunk of a streamssl checkpoint or a lightly_baseline.py snapshot, and its views' settings (sizes, mean,
     std): the augment section of the streamssl run's configuration, or the snapshot's config."""
     if path.name.startswith("snap-"):
-        from lightly_swav import load_snapshot_trunk
+        from lightly_baseline import load_snapshot_trunk
 
         trunk, info = load_snapshot_trunk(path)
         return trunk, info["config"]
@@ -63,7 +63,7 @@ def stage_features(trunk: nn.Module, data: LabeledImages, views: dict[str, Any])
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", type=Path, help="streamssl ckpt-*.pt or lightly_swav.py snap-*.pt")
+    p.add_argument("checkpoint", type=Path, help="streamssl ckpt-*.pt or lightly_baseline.py snap-*.pt")
     p.add_argument("--fashion-mnist", default=FASHION_MNIST_DIR, help="Folder of the Fashion-MNIST idx files.")
     p.add_argument("--limit-train", type=int, default=0, help="kNN memory: at most this many images (0: all).")
     p.add_argument("--limit-test", type=int, default=0, help="At most this many test images (0: all).")

@@ -23,7 +23,7 @@ Needs lightly, a benchmark-only requirement that streamssl itself does not depen
 
 (pinning torch keeps pip from replacing the installed build). Example::
 
-    python benchmarks/lightly_swav.py --out runs/lightly --budget-s 720 --snapshot-s 120 \\
+    python benchmarks/lightly_baseline.py --out runs/lightly --budget-s 720 --snapshot-s 120 \\
         --arch resnet18 --small-stem --sizes 28 --counts 2 --batch-size 64
 """
 
