@@ -1,4 +1,5 @@
-"""Baseline for the quality benchmark: lightly's SwaV in a plain PyTorch loop, for a wall-clock budget.
+"""Baselines for the quality benchmark: lightly's SwaV, SimCLR, MoCo and BYOL in a plain PyTorch loop, for a
+wall-clock budget.
 
 The way a lightly user trains SwaV: lightly's ``SwaVTransform`` (multi-crop views made by PIL/torchvision in
 ``DataLoader`` workers), ``SwaVProjectionHead``, ``SwaVPrototypes`` renormalised before every step and
@@ -12,6 +13,15 @@ data, views, trunk, batch and budget.
 ``SimCLRProjectionHead`` (the same widths as the SwaV head) and ``NTXentLoss`` (the other view of the image is
 the positive, the batch's other 2N-2 views the negatives), as an alternative objective to measure SwaV
 against on the same stream.
+
+``--objective moco`` is lightly's MoCo v2 recipe: ``MoCoProjectionHead``, a momentum key encoder
+(``update_momentum``, ``--moco-momentum``), ``NTXentLoss`` with a memory bank of ``--moco-queue`` keys and
+temperature ``--moco-temperature``, symmetrised over the two views; without batch shuffling (lightly's
+single-device example has none). ``--objective byol`` is lightly's BYOL: ``BYOLProjectionHead`` and
+``BYOLPredictionHead``, an EMA target whose momentum follows lightly's ``cosine_schedule`` from
+``--byol-momentum`` to ``--byol-final-momentum`` over ``--byol-momentum-steps`` steps, and
+``NegativeCosineSimilarity`` symmetrised over the two views. quality.py passes streamssl's own settings of
+each method, so the two sides differ in implementation only.
 
 Every ``--snapshot-s`` seconds of training (wall clock since the loop started, data waits included) and once
 more when the budget is spent, the trunk weights are written to ``OUT/snap-<seconds>.pt`` together with the
@@ -30,6 +40,7 @@ Needs lightly, a benchmark-only requirement that streamssl itself does not depen
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -49,6 +60,8 @@ from streamssl.config import LearnerConfig
 from streamssl.eval import FASHION_MNIST_DIR, load_fashion_mnist
 from streamssl.model import TRUNK_DIMS, make_trunk, stem_of
 from streamssl.optim import lr_at, set_lr
+
+OBJECTIVES = ("swav", "simclr", "moco", "byol")
 
 
 class UnlabeledImages(Dataset):
@@ -98,6 +111,55 @@ class LightlySimCLR(nn.Module):
         return self.projection_head(self.backbone(x).flatten(start_dim=1))
 
 
+class LightlyMoCo(nn.Module):
+    """Query encoder (trunk -> MoCoProjectionHead) and its momentum copy for the keys."""
+
+    def __init__(self, trunk: nn.Module, feature_dim: int, hidden_dim: int, out_dim: int) -> None:
+        from lightly.models.modules import MoCoProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        super().__init__()
+        self.backbone = trunk
+        self.projection_head = MoCoProjectionHead(feature_dim, hidden_dim, out_dim)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+
+    def forward(self, x: Tensor, step: int) -> Tensor:
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+    def forward_momentum(self, x: Tensor) -> Tensor:
+        return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
+
+    def update_momentum(self, m: float) -> None:
+        from lightly.models.utils import update_momentum
+
+        update_momentum(self.backbone, self.backbone_momentum, m=m)
+        update_momentum(self.projection_head, self.projection_head_momentum, m=m)
+
+
+class LightlyBYOL(LightlyMoCo):
+    """Online network (trunk -> BYOLProjectionHead -> BYOLPredictionHead) and its EMA target (no predictor)."""
+
+    def __init__(self, trunk: nn.Module, feature_dim: int, hidden_dim: int, out_dim: int,
+                 predictor_dim: int) -> None:
+        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        nn.Module.__init__(self)
+        self.backbone = trunk
+        self.projection_head = BYOLProjectionHead(feature_dim, hidden_dim, out_dim)
+        self.prediction_head = BYOLPredictionHead(out_dim, predictor_dim, out_dim)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+
+    def forward(self, x: Tensor, step: int) -> Tensor:
+        return self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1)))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -127,9 +189,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="Images per step.")
     p.add_argument("--hidden-dim", type=int, default=512, help="Projection head hidden width.")
     p.add_argument("--out-dim", type=int, default=128, help="Projection head output width.")
-    p.add_argument("--objective", choices=("swav", "simclr"), default="swav",
-                   help="swav (lightly's SwaV), or simclr (lightly's NTXentLoss on two views).")
+    p.add_argument("--objective", choices=OBJECTIVES, default="swav",
+                   help="swav (lightly's SwaV), simclr (NTXentLoss on two views), moco (MoCo v2 with a memory "
+                        "bank) or byol (BYOL).")
     p.add_argument("--simclr-temperature", type=float, default=0.2, help="NTXentLoss temperature (simclr only).")
+    p.add_argument("--moco-temperature", type=float, default=0.2, help="MoCo InfoNCE temperature.")
+    p.add_argument("--moco-queue", type=int, default=4096, help="MoCo memory-bank keys.")
+    p.add_argument("--moco-momentum", type=float, default=0.99, help="MoCo key encoder momentum.")
+    p.add_argument("--byol-predictor-dim", type=int, default=512, help="BYOL predictor hidden width.")
+    p.add_argument("--byol-momentum", type=float, default=0.99, help="BYOL target momentum at step 0.")
+    p.add_argument("--byol-final-momentum", type=float, default=0.999, help="BYOL target momentum at the end.")
+    p.add_argument("--byol-momentum-steps", type=int, default=10_000, help="Steps of the BYOL momentum cosine.")
     p.add_argument("--n-prototypes", type=int, default=512, help="Prototypes (lightly's CIFAR-10 recipe: 512).")
     p.add_argument("--freeze-prototypes-steps", type=int, default=0, help="Steps with frozen prototypes.")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (lightly's CIFAR-10 recipe: 2e-3).")
@@ -150,8 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("counts", "min_scales", "max_scales"):
         if len(getattr(args, name)) != groups:
             p.error(f"--{name.replace('_', '-')}: needs one value per size ({groups})")
-    if args.objective == "simclr" and sum(args.counts) != 2:
-        p.error(f"--objective simclr: needs exactly two views (--counts sums to {sum(args.counts)})")
+    if args.objective != "swav" and sum(args.counts) != 2:
+        p.error(f"--objective {args.objective}: needs exactly two views (--counts sums to {sum(args.counts)})")
     return args
 
 
@@ -177,7 +247,8 @@ def save_snapshot(out: Path, model: nn.Module, info: dict[str, Any]) -> Path:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     import lightly
-    from lightly.loss import NTXentLoss, SwaVLoss
+    from lightly.loss import NegativeCosineSimilarity, NTXentLoss, SwaVLoss
+    from lightly.utils.scheduler import cosine_schedule
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,12 +266,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model = LightlySwaV(trunk, TRUNK_DIMS[args.arch], args.hidden_dim, args.out_dim, args.n_prototypes,
                             args.freeze_prototypes_steps)
         criterion: nn.Module = SwaVLoss()
-    else:
+    elif args.objective == "simclr":
         model = LightlySimCLR(trunk, TRUNK_DIMS[args.arch], args.hidden_dim, args.out_dim)
         criterion = NTXentLoss(temperature=args.simclr_temperature)
+    elif args.objective == "moco":
+        model = LightlyMoCo(trunk, TRUNK_DIMS[args.arch], args.hidden_dim, args.out_dim)
+        criterion = NTXentLoss(temperature=args.moco_temperature, memory_bank_size=(args.moco_queue, args.out_dim))
+    else:
+        model = LightlyBYOL(trunk, TRUNK_DIMS[args.arch], args.hidden_dim, args.out_dim, args.byol_predictor_dim)
+        criterion = NegativeCosineSimilarity()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     # the budget schedule is streamssl's own (no warmup: lightly's recipe has none)
     schedule = (LearnerConfig(base_lr=args.lr, final_lr=args.final_lr, warmup_steps=0, schedule="budget")
                 if args.schedule == "budget" else None)
@@ -209,7 +286,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     meta = {"lightly": str(lightly.__version__), "torch": str(torch.__version__), "threads": torch.get_num_threads(),
             "python": platform.python_version()}
     log = open(args.out / "log.jsonl", "a", buffering=1)  # noqa: SIM115 - kept open for the run
-    objective = f"SwaV, K={args.n_prototypes}" if swav else f"SimCLR, T={args.simclr_temperature:g}"
+    objective = {"swav": f"SwaV, K={args.n_prototypes}", "simclr": f"SimCLR, T={args.simclr_temperature:g}",
+                 "moco": f"MoCo v2, T={args.moco_temperature:g}, queue {args.moco_queue}",
+                 "byol": f"BYOL, momentum {args.byol_momentum:g}"}[args.objective]
     print(f"lightly {lightly.__version__} {objective}: {args.arch} (small stem {args.small_stem}, stride "
           f"{args.stem_stride}, max-pool {args.stem_pool}), batch "
           f"{args.batch_size}, views {args.counts}x{args.sizes}, budget {args.budget_s:.0f} s",
@@ -233,10 +312,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             if swav:
                 model.prototypes.normalize()
+            if args.objective == "moco":
+                model.update_momentum(args.moco_momentum)
+            elif args.objective == "byol":  # lightly's BYOL example: cosine_schedule over the run's steps
+                model.update_momentum(cosine_schedule(min(step, args.byol_momentum_steps), args.byol_momentum_steps,
+                                                      args.byol_momentum, args.byol_final_momentum))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 outputs = [model(v, step) for v in views]
+                keys = ([model.forward_momentum(v) for v in views] if args.objective in ("moco", "byol")
+                        else [])
             outputs = [o.float() for o in outputs]
-            loss = criterion(outputs[:n_high], outputs[n_high:]) if swav else criterion(*outputs)
+            keys = [k.float() for k in keys]
+            if swav:
+                loss = criterion(outputs[:n_high], outputs[n_high:])
+            elif args.objective == "simclr":
+                loss = criterion(*outputs)
+            else:  # lightly's examples: each view's queries / predictions against the other view's keys
+                loss = 0.5 * (criterion(outputs[0], keys[1]) + criterion(outputs[1], keys[0]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
