@@ -207,6 +207,15 @@ def _nums(values: Any) -> list[str]:
     return [f"{v:g}" for v in values]
 
 
+def _shared(augment: Any, name: str) -> str:
+    """A probability every view group shares (lightly's transforms take one value for all views)."""
+    values = set(getattr(augment, name))
+    if len(values) != 1:
+        raise SystemExit(f"augment.{name} differs per view group ({getattr(augment, name)}): lightly's "
+                         "transforms take one value for every view")
+    return f"{values.pop():g}"
+
+
 def method_arguments(cfg: Config, method: str) -> list[str]:
     """lightly_baseline.py's arguments for streamssl's settings of ``method`` (temperatures, queue, momenta)."""
     if method == "swav":
@@ -233,8 +242,9 @@ def lightly_command(args: argparse.Namespace, cfg: Config, out: Path, method: st
             "--stem-pool" if m.stem_pool else "--no-stem-pool",
             "--sizes", *_nums(a.sizes), "--counts", *_nums(a.n_views),
             "--min-scales", *_nums(a.min_scale), "--max-scales", *_nums(a.max_scale),
-            "--flip-p", f"{a.flip_p:g}", "--jitter-strength", f"{a.jitter_strength:g}", "--jitter-p", f"{a.jitter_p:g}",
-            "--grayscale-p", f"{a.grayscale_p:g}", "--blur-p", f"{a.blur_p:g}", "--blur-sigma", *_nums(a.blur_sigma),
+            "--flip-p", f"{a.flip_p:g}", "--jitter-strength", f"{a.jitter_strength:g}",
+            "--jitter-p", _shared(a, "jitter_p"), "--grayscale-p", _shared(a, "grayscale_p"),
+            "--blur-p", _shared(a, "blur_p"), "--blur-sigma", *_nums(a.blur_sigma),
             "--mean", *_nums(a.mean), "--std", *_nums(a.std), "--lr", f"{lr.base_lr:g}",
             "--batch-size", str(lr.batch_size), "--hidden-dim", str(m.hidden_dim), "--out-dim", str(m.out_dim),
             "--bf16" if lr.bf16 and native_bf16("cpu") else "--no-bf16",  # as streamssl's learner decides

@@ -16,7 +16,13 @@ from streamssl.augment.reference import TorchvisionMultiCrop
 from streamssl.augment.spec import CropGroup, MultiCropSpec
 from streamssl.config import AugmentConfig
 from streamssl.shards import Sample
-from tests.test_augment_reference import corrupt_huffman, truncated
+from tests.test_augment_reference import (
+    asymmetric_images,
+    asymmetric_spec,
+    check_asymmetric_views,
+    corrupt_huffman,
+    truncated,
+)
 
 pytestmark = pytest.mark.dali
 
@@ -125,6 +131,15 @@ def test_blur_is_spatial_and_solarize_inverts(solarize_p: float) -> None:
     sharp = DaliMultiCrop(plain, 2, seed=3)(textured)[0][0]
     blurred = DaliMultiCrop(replace(plain, blur_p=1.0, blur_sigma=(1.5, 2.0)), 2, seed=3)(textured)[0][0]
     assert blurred.diff(dim=-1).abs().mean() < 0.5 * sharp.diff(dim=-1).abs().mean()
+
+
+def test_each_view_group_gets_its_own_probabilities() -> None:
+    from streamssl.augment.dali import DaliMultiCrop
+
+    spec = asymmetric_spec()
+    views, kept = DaliMultiCrop(spec, 2, seed=0)(asymmetric_images())
+    assert kept == [0, 1]
+    check_asymmetric_views(views, spec)
 
 
 @pytest.mark.parametrize("augmented", [False, True])

@@ -150,6 +150,36 @@ def test_colour_and_blur_change_the_views() -> None:
     assert (plain[0] - jittered[0]).abs().mean() > 0.05
 
 
+def asymmetric_spec() -> MultiCropSpec:
+    """BYOL-style views: blur and solarisation on the first view's group only, nothing else anywhere."""
+    groups = (CropGroup(1, 32, 1.0, 1.0, blur_p=1.0, solarize_p=1.0), CropGroup(1, 32, 1.0, 1.0))
+    return MultiCropSpec(groups=groups, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0,
+                         blur_sigma=(1.5, 2.0))
+
+
+def check_asymmetric_views(views: list[torch.Tensor], spec: MultiCropSpec) -> None:
+    """The two views of ``asymmetric_spec`` on [flat (200, 100, 30), noise]: the first solarised and blurred,
+    the second neither."""
+    colour = torch.tensor([200.0, 100.0, 30.0])
+    first, second = (unnormalise(v, spec) for v in views)
+    assert torch.allclose(first[0].mean(dim=(1, 2)), torch.where(colour >= 128, 255 - colour, colour), atol=0.5)
+    assert torch.allclose(second[0].mean(dim=(1, 2)), colour, atol=0.5)
+    assert first[1].diff(dim=-1).abs().mean() < 0.5 * second[1].diff(dim=-1).abs().mean()
+
+
+def asymmetric_images() -> list[bytes]:
+    colour = np.array([200, 100, 30], dtype=np.uint8)
+    noise = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    return [encode(np.broadcast_to(colour, (32, 32, 3)).copy(), "PNG"), encode(noise, "PNG")]
+
+
+def test_each_view_group_gets_its_own_probabilities() -> None:
+    spec = asymmetric_spec()
+    views, kept = TorchvisionMultiCrop(spec, 2, seed=0)(asymmetric_images())
+    assert kept == [0, 1]
+    check_asymmetric_views(views, spec)
+
+
 def test_dataloader_with_workers_collates_and_reports_drops() -> None:
     items = jpegs(7)
     items[2] = truncated(items[2])

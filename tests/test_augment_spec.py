@@ -95,3 +95,42 @@ def test_encoded_bytes_takes_samples_and_bytes() -> None:
     assert encoded_bytes(b"abc") == b"abc"
     assert encoded_bytes(bytearray(b"abc")) == b"abc"
     assert encoded_bytes(Sample("k", b"xyz", "jpg", "u", 0)) == b"xyz"
+
+
+BYOL_VIEWS = {"n_views": (1, 1), "sizes": (32, 32), "min_scale": (0.3, 0.3), "max_scale": (1.0, 1.0),
+              "blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2)}
+
+
+def test_probabilities_per_group_give_each_group_its_own_recipe() -> None:
+    spec = MultiCropSpec.from_config(AugmentConfig(**BYOL_VIEWS, jitter_p=0.8))
+    first, second = spec.groups
+    assert (first.blur_p, first.solarize_p, second.blur_p, second.solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    assert first.jitter_p is None and second.jitter_p is None  # one value: the spec's, for every group
+    assert spec.for_group(first).blur_p == 1.0 and spec.for_group(first).solarize_p == 0.0
+    assert spec.for_group(second).blur_p == 0.1 and spec.for_group(second).solarize_p == 0.2
+    assert spec.for_group(first).jitter_p == spec.for_group(second).jitter_p == 0.8
+    assert first != second  # two groups of the same size and scales stay two recipes
+    plain = spec.without_augmentation()
+    assert all(plain.for_group(g).blur_p == 0 and plain.for_group(g).solarize_p == 0 for g in plain.groups)
+
+
+def test_one_probability_for_every_group_leaves_the_groups_plain() -> None:
+    spec = MultiCropSpec.from_config(AugmentConfig(blur_p=(0.3,), solarize_p=0.1))
+    assert all(g.blur_p is None and g.solarize_p is None for g in spec.groups)
+    assert all(spec.for_group(g) is spec for g in spec.groups)
+    assert (spec.blur_p, spec.solarize_p) == (0.3, 0.1)
+
+
+def test_per_group_probabilities_need_one_entry_per_group() -> None:
+    from streamssl.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match=r"augment\.blur_p: one value for every size group, or one per size"):
+        AugmentConfig(blur_p=(0.5, 0.5, 0.5))
+    cfg = resolve(None, overrides=["augment.blur_p=0.25", "augment.solarize_p=[0.0, 0.2]",
+                                   "augment.n_views=[1, 1]", "augment.sizes=[32, 32]",
+                                   "augment.min_scale=[0.3, 0.3]", "augment.max_scale=[1.0, 1.0]"])
+    assert cfg.augment.blur_p == (0.25,) and cfg.augment.solarize_p == (0.0, 0.2)
+    with pytest.raises(ConfigError, match=r"augment\.blur_p: must be <= 1"):
+        resolve(None, overrides=["augment.blur_p=[0.5, 1.5]"])
+    with pytest.raises(ValueError, match=r"CropGroup\.blur_p"):
+        CropGroup(1, 32, 0.3, 1.0, blur_p=2.0)

@@ -52,7 +52,7 @@ def define_graph(spec: MultiCropSpec, *, gpu: bool, fused_decode: bool) -> tuple
     views = []
     for index, group in enumerate(spec.view_groups):
         view = _crop(fn, types, spec, group, encoded, decoded, decoder_device)
-        views.append(_distort(fn, types, spec, index, view))
+        views.append(_distort(fn, types, spec.for_group(group), index, view))
     return tuple(views)
 
 
@@ -161,8 +161,10 @@ def view_draws(spec: MultiCropSpec, group: CropGroup, rng: np.random.Generator, 
     0 where the grayscale coin (grayscale_p) came up. With blur (blur_p > 0), ``blur`` (bool: the coin)
     and the Gaussian kernel of a sigma drawn in blur_sigma, over the spec's window k for the view's size
     (``spec.blur_kernel``), as ``blur_h`` (n, 1, k) and ``blur_v`` (n, k, 1) (the identity kernel where
-    the coin is down; those samples skip the blur).
+    the coin is down; those samples skip the blur). The probabilities are the view's group's
+    (``spec.for_group``).
     """
+    spec = spec.for_group(group)
     draws: dict[str, np.ndarray] = {}
     if _has_colour(spec):
         jitter = rng.random(n) < spec.jitter_p

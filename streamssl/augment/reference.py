@@ -62,7 +62,7 @@ class ViewTransform:
     """
 
     def __init__(self, spec: MultiCropSpec, group: CropGroup) -> None:
-        self.spec = spec
+        self.spec = spec.for_group(group)  # the group's own probabilities where it has them
         self.group = group
         self.blur_k = spec.blur_kernel(group.size)
         self.log_ratio = (math.log(spec.aspect_ratio[0]), math.log(spec.aspect_ratio[1]))

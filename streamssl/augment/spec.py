@@ -7,6 +7,11 @@ contrast, saturation 0.8*s, hue 0.2*s) applied with probability ``jitter_p``, gr
 ``grayscale_p``, Gaussian blur with probability ``blur_p``, then normalisation. The DALI pipeline
 (dali.py) and its torchvision twin (reference.py) both read this one spec, so that they draw views from the
 same distributions; this module knows nothing of either library.
+
+Asymmetric views: a crop group may carry its own jitter, grayscale, blur and solarisation probabilities
+(``CropGroup.blur_p`` and so on; None: the spec's). BYOL (Grill et al. 2020) draws its two views from two
+such distributions, blur always on the first and on 10% of the second, solarisation only on the second:
+two groups of one view each, ``spec.for_group(group)`` being the recipe of a view of that group.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from streamssl.config import AugmentConfig
+from streamssl.config.sections import PER_GROUP_P as PER_GROUP  # probabilities a crop group may set itself
 
 
 @dataclass(frozen=True)
@@ -27,8 +33,16 @@ class CropGroup:
     size: int
     min_scale: float
     max_scale: float
+    jitter_p: float | None = None  # None: the spec's probability; a number: this group's own
+    grayscale_p: float | None = None
+    blur_p: float | None = None
+    solarize_p: float | None = None
 
     def __post_init__(self) -> None:
+        for name in PER_GROUP:
+            p = getattr(self, name)
+            if p is not None and not 0 <= p <= 1:
+                raise ValueError(f"CropGroup.{name}: a probability in [0, 1] or None, got {p}")
         if self.n_views < 1 or self.size < 1:
             raise ValueError(f"CropGroup: n_views and size must be >= 1, got {self.n_views}, {self.size}")
         if not 0 < self.min_scale <= self.max_scale <= 1:
@@ -79,12 +93,22 @@ class MultiCropSpec:
     def from_config(cls, cfg: AugmentConfig) -> MultiCropSpec:
         """The spec an ``AugmentConfig`` describes (backend, threads, prefetch and seed are run settings and
         stay in the config)."""
-        groups = tuple(CropGroup(n, s, lo, hi) for n, s, lo, hi in
-                       zip(cfg.n_views, cfg.sizes, cfg.min_scale, cfg.max_scale, strict=True))
-        return cls(groups=groups, flip_p=cfg.flip_p, jitter_strength=cfg.jitter_strength,
-                   jitter_p=cfg.jitter_p, grayscale_p=cfg.grayscale_p, blur_p=cfg.blur_p,
+        n_groups = len(cfg.sizes)
+        # a probability is one value for every group, or one per group (then each group carries its own)
+        shared = {name: getattr(cfg, name)[0] for name in PER_GROUP}
+        own = [{name: getattr(cfg, name)[i] for name in PER_GROUP if len(getattr(cfg, name)) == n_groups > 1}
+               for i in range(n_groups)]
+        groups = tuple(CropGroup(n, s, lo, hi, **own[i]) for i, (n, s, lo, hi) in
+                       enumerate(zip(cfg.n_views, cfg.sizes, cfg.min_scale, cfg.max_scale, strict=True)))
+        return cls(groups=groups, flip_p=cfg.flip_p, jitter_strength=cfg.jitter_strength, **shared,
                    blur_sigma=(float(cfg.blur_sigma[0]), float(cfg.blur_sigma[1])),
-                   solarize_p=cfg.solarize_p, mean=tuple(cfg.mean), std=tuple(cfg.std))  # type: ignore[arg-type]
+                   mean=tuple(cfg.mean), std=tuple(cfg.std))  # type: ignore[arg-type]
+
+    def for_group(self, group: CropGroup) -> MultiCropSpec:
+        """The recipe of a view of ``group``: the spec with the group's own probabilities where it has them.
+        Every backend draws a view's colour, blur and solarisation from this, not from the spec itself."""
+        own = {name: getattr(group, name) for name in PER_GROUP if getattr(group, name) is not None}
+        return replace(self, **own) if own else self
 
     @property
     def n_views(self) -> int:
@@ -144,7 +168,8 @@ class MultiCropSpec:
 
     def without_augmentation(self) -> MultiCropSpec:
         """The same crops with every colour/flip/blur augmentation off (for tests and debugging)."""
-        return replace(self, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+        groups = tuple(replace(g, **dict.fromkeys(PER_GROUP)) for g in self.groups)
+        return replace(self, groups=groups, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
 
 
 def encoded_bytes(item: Any) -> bytes:
@@ -154,4 +179,4 @@ def encoded_bytes(item: Any) -> bytes:
     return item.data
 
 
-__all__ = ["CropGroup", "MultiCropSpec", "encoded_bytes"]
+__all__ = ["PER_GROUP", "CropGroup", "MultiCropSpec", "encoded_bytes"]

@@ -64,6 +64,8 @@ def _check_value(key: str, value: Any, hint: Any, meta: Mapping[str, Any], origi
         item_t = typing.get_args(hint)[0]
         if isinstance(value, str):
             value = [p.strip() for p in value.split(",") if p.strip()] if value.strip() else []
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value]  # a bare number is a list of one (augment.blur_p = 0.5: every size group)
         if not isinstance(value, list | tuple):
             raise fail(f"expected a list, got {value!r}")
         out: Any = tuple(scalar(v, item_t) for v in value)

@@ -21,6 +21,7 @@ else:  # pragma: no cover - exercised only on 3.10
 ENV_PREFIX = "STREAMSSL_"
 DEBUG_ENV = "STREAMSSL_DEBUG"  # the CLI's --debug, not a configuration key
 DEFAULT_PROFILE = "cpu-small"
+PER_GROUP_P = ("jitter_p", "grayscale_p", "blur_p", "solarize_p")  # augment probabilities settable per group
 
 
 class ConfigError(UsageError, ValueError):
@@ -84,11 +85,16 @@ class AugmentConfig:
     flip_p: float = _f(0.5, "Horizontal flip probability.", ge=0, le=1)
     jitter_strength: float = _f(1.0, "Colour jitter strength s (brightness/contrast/saturation 0.8s, hue "
                                 "0.2s). Lower it for colour-defined classes.", ge=0)
-    jitter_p: float = _f(0.8, "Probability of colour jitter.", ge=0, le=1)
-    grayscale_p: float = _f(0.2, "Probability of grayscale.", ge=0, le=1)
-    blur_p: float = _f(0.5, "Probability of Gaussian blur. Blur dominates CPU cost: lower it on CPU.", ge=0, le=1)
+    jitter_p: tuple[float, ...] = _f((0.8,), "Probability of colour jitter: one value, or one per size group "
+                                     "(asymmetric views, as BYOL's).", ge=0, le=1)
+    grayscale_p: tuple[float, ...] = _f((0.2,), "Probability of grayscale: one value, or one per size group.",
+                                        ge=0, le=1)
+    blur_p: tuple[float, ...] = _f((0.5,), "Probability of Gaussian blur: one value, or one per size group "
+                                   "(BYOL: [1.0, 0.1] on two groups of one view). Blur dominates CPU cost: "
+                                   "lower it on CPU.", ge=0, le=1)
     blur_sigma: tuple[float, ...] = _f((0.1, 2.0), "Gaussian blur sigma range (min, max).")
-    solarize_p: float = _f(0.0, "Probability of solarization (0 in SwAV).", ge=0, le=1)
+    solarize_p: tuple[float, ...] = _f((0.0,), "Probability of solarization: one value, or one per size group "
+                                       "(0 in SwAV; BYOL: [0.0, 0.2]).", ge=0, le=1)
     mean: tuple[float, ...] = _f((0.485, 0.456, 0.406), "Normalisation mean per channel (0-1 scale).")
     std: tuple[float, ...] = _f((0.228, 0.224, 0.225), "Normalisation std per channel (0-1 scale).")
     n_threads: int = _f(2, "Decode and augmentation threads (DALI), or worker processes of the torchvision "
@@ -97,11 +103,19 @@ class AugmentConfig:
     seed: int = _f(0, "Seed of the augmentation RNG.", ge=0)
 
     def __post_init__(self) -> None:
+        for name in PER_GROUP_P:  # a bare number (Python callers) is one value for every group, as in TOML
+            value = getattr(self, name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                object.__setattr__(self, name, (float(value),))
         groups = len(self.sizes)
         for name in ("n_views", "min_scale", "max_scale"):
             if len(getattr(self, name)) != groups:
                 raise ConfigError(f"augment.{name}: needs one entry per size group ({groups}), "
                                   f"got {len(getattr(self, name))}")
+        for name in PER_GROUP_P:
+            if len(getattr(self, name)) not in (1, groups):
+                raise ConfigError(f"augment.{name}: one value for every size group, or one per size group "
+                                  f"({groups}); got {len(getattr(self, name))}")
         if any(v < 1 for v in self.n_views) or any(s < 1 for s in self.sizes):
             raise ConfigError("augment.n_views and augment.sizes: entries must be >= 1")
         for lo, hi in zip(self.min_scale, self.max_scale, strict=True):
