@@ -94,7 +94,7 @@ def check_environment(cfg: Config, device: torch.device, quick: bool) -> dict[st
 
 
 def check_learner(cfg: Config, device: torch.device, quick: bool) -> dict[str, Any]:
-    from streamssl.engine import Learner
+    from streamssl.learner.engine import Learner
 
     learner = Learner.build(cfg.model, cfg.learner, device=device)
     conv_dtypes: set[torch.dtype] = set()
@@ -133,7 +133,7 @@ def check_learner(cfg: Config, device: torch.device, quick: bool) -> dict[str, A
 
 
 def check_sinkhorn(cfg: Config, device: torch.device, quick: bool) -> dict[str, Any]:
-    from streamssl.bench import sinkhorn_precision
+    from streamssl.tools.bench import sinkhorn_precision
 
     result = {f"spread_{s}": sinkhorn_precision(cfg, device=device, spread=s) for s in (0.3, 3.0)}
     for figures in result.values():
@@ -144,8 +144,8 @@ def check_sinkhorn(cfg: Config, device: torch.device, quick: bool) -> dict[str, 
 
 
 def check_resume(cfg: Config, device: torch.device, quick: bool) -> dict[str, Any]:
-    from streamssl.checkpoint import CheckpointManager, rng_state, set_rng_state
-    from streamssl.engine import Learner
+    from streamssl.learner.engine import Learner
+    from streamssl.service.checkpoint import CheckpointManager, rng_state, set_rng_state
 
     small = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, batch_size=8))
     learner = Learner.build(small.model, small.learner, device=device)
@@ -225,7 +225,7 @@ def check_dali(cfg: Config, device: torch.device, quick: bool) -> dict[str, Any]
 def check_group(cfg: Config, device: torch.device, quick: bool) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from streamssl.sinkhorn import sinkhorn, torch_distributed_reduce
+    from streamssl.learner.methods.sinkhorn import sinkhorn, torch_distributed_reduce
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     with socket.socket() as s:
@@ -251,7 +251,7 @@ def check_daemon(cfg: Config, device: torch.device, quick: bool) -> dict[str, An
     missing = [name for name in ("webdataset", "redis") if not _imports(name)]
     if missing:
         raise Skip(f"{' and '.join(missing)} not installed (the daemon's data path imports them)")
-    from streamssl.daemon import Daemon
+    from streamssl.service.daemon import Daemon
 
     steps = 3 if quick else 20
     with tempfile.TemporaryDirectory() as folder:

@@ -5,7 +5,7 @@ The way a lightly user trains SwaV: lightly's ``SwaVTransform`` (multi-crop view
 ``DataLoader`` workers), ``SwaVProjectionHead``, ``SwaVPrototypes`` renormalised before every step and
 ``SwaVLoss`` (Sinkhorn-Knopp codes, swapped prediction), Adam. The images are the Fashion-MNIST training
 images, read from the idx files with their labels dropped; the trunk is the very one streamssl builds
-(``streamssl.model.make_trunk``: a torchvision ResNet, optionally with the small-image stem: a 3x3 conv
+(``streamssl.learner.model.make_trunk``: a torchvision ResNet, optionally with the small-image stem: a 3x3 conv
 of stride 1 or 2, with or without the max-pool), so ``benchmarks/quality.py`` can give both methods the same
 data, views, trunk, batch and budget.
 
@@ -57,9 +57,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from streamssl.config import LearnerConfig
-from streamssl.eval import FASHION_MNIST_DIR, load_fashion_mnist
-from streamssl.model import TRUNK_DIMS, make_trunk, stem_of
-from streamssl.optim import lr_at, set_lr
+from streamssl.learner.model import TRUNK_DIMS, make_trunk, stem_of
+from streamssl.learner.optim import lr_at, set_lr
+from streamssl.tools.eval import FASHION_MNIST_DIR, load_fashion_mnist
 
 OBJECTIVES = ("swav", "simclr", "moco", "byol")
 

@@ -114,7 +114,7 @@ def run(profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = None) -> None
     """
     _logging()
     cfg = _config(profile, overrides)
-    from streamssl.daemon import Daemon
+    from streamssl.service.daemon import Daemon
 
     limits = [f"{n} {what}" for n, what in ((cfg.run.max_steps, "steps"), (cfg.run.max_images, "images"),
                                             (cfg.run.max_seconds, "seconds")) if n]
@@ -173,7 +173,7 @@ def bench_learner(profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = Non
                   warmup: Annotated[int, typer.Option(min=0, help="Untimed steps first.")] = 2) -> None:
     """Learner step time, images/s and SwAV's share of the step, on pre-made tensors (JSON)."""
     cfg = _config(profile, overrides)
-    from streamssl.bench import bench_learner as bench
+    from streamssl.tools.bench import bench_learner as bench
 
     typer.echo(json.dumps(bench(cfg, steps=steps, warmup=warmup)))
 
@@ -185,8 +185,8 @@ def bench_sinkhorn(profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = No
     """How far bfloat16 prototype scores move SwAV's codes against float32 ones, beside a float64 reference
     (JSON)."""
     cfg = _config(profile, overrides)
-    from streamssl.bench import sinkhorn_precision
     from streamssl.devices import pick_device
+    from streamssl.tools.bench import sinkhorn_precision
 
     typer.echo(json.dumps(sinkhorn_precision(cfg, device=pick_device(cfg.run.device), spread=spread)))
 
@@ -201,7 +201,7 @@ def bench_run(profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = None,
     resident memory after warm-up and at peak (JSON)."""
     _logging()
     cfg = _config(profile, overrides)
-    from streamssl.bench import bench_run as bench
+    from streamssl.tools.bench import bench_run as bench
 
     typer.echo(json.dumps(bench(cfg, steps=steps, warmup=warmup, minutes=minutes)))
 
@@ -232,7 +232,7 @@ def shards_pack(src_dir: Annotated[Path, typer.Argument(help="Folder of images (
                 ) -> None:
     """Pack a folder of images into WebDataset shards, each written atomically."""
     _logging()
-    from streamssl.pack import pack_shards
+    from streamssl.tools.pack import pack_shards
 
     written = pack_shards(src_dir, out_pattern, per_shard=per_shard, labels=labels, max_side=max_side)
     for path in written:
@@ -248,7 +248,7 @@ def ingest(urls: Annotated[list[str], typer.Argument(help="Shard URLs to announc
     """Add shard URLs to the Redis ingest stream that learners consume (at least once). Each URL is checked
     first: an allowed scheme, and an existing file for a local path. TLS files: the profile's store.tls_*."""
     from streamssl.redis_client import TLSFiles
-    from streamssl.redis_source import publish_urls
+    from streamssl.stream.redis_source import publish_urls
 
     cfg = _config(profile, overrides)
     for entry in publish_urls(store, urls, stream_key=stream_key, tls=TLSFiles.of(cfg.store),
@@ -270,7 +270,7 @@ def eval_(task: Annotated[str, typer.Argument(help="knn (weighted k-NN, k=20, T=
           limit_train: Annotated[int, typer.Option(min=0, help="Use at most this many training images.")] = 0,
           limit_test: Annotated[int, typer.Option(min=0, help="Use at most this many test images.")] = 0) -> None:
     """Accuracy of a frozen trunk on a labeled dataset: top-1, top-5 and image counts as JSON."""
-    from streamssl import eval as evaluation
+    from streamssl.tools import eval as evaluation
 
     if task not in ("knn", "linear"):
         raise UsageError(f"TASK {task!r}: knn or linear")
@@ -294,7 +294,7 @@ def export_(checkpoint: Annotated[str, typer.Option(help="A streamssl checkpoint
             fmt: Annotated[str, typer.Option("--format", help="torchvision (state dict for a plain torchvision "
                                              "ResNet), torchscript or onnx.")] = "torchvision") -> None:
     """Export the trained trunk for use outside streamssl."""
-    from streamssl.export import export
+    from streamssl.tools.export import export
 
     meta = export(checkpoint, fmt, out)
     typer.echo(json.dumps({"out": str(out), **meta}))
@@ -306,7 +306,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="The run's checkpoint.di
            out: Annotated[Path | None, typer.Option(help="Folder for the PNGs; default RUN_DIR/report.")] = None,
            ) -> None:
     """Draw PNG plots of loss, code entropy, prototypes in use, probe accuracy and throughput over time."""
-    from streamssl.report import draw
+    from streamssl.tools.report import draw
 
     for path in draw(run_dir, out):
         typer.echo(str(path))

@@ -15,7 +15,7 @@ from streamssl.augment.bench import synthetic_image
 from streamssl.augment.reference import TorchvisionMultiCrop
 from streamssl.augment.spec import CropGroup, MultiCropSpec
 from streamssl.config import AugmentConfig
-from streamssl.shards import Sample
+from streamssl.stream.shards import Sample
 from tests.test_augment_reference import (
     asymmetric_images,
     asymmetric_spec,

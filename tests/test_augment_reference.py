@@ -23,7 +23,7 @@ from streamssl.augment.reference import (
 )
 from streamssl.augment.spec import CropGroup, MultiCropSpec
 from streamssl.config import AugmentConfig
-from streamssl.shards import Sample
+from streamssl.stream.shards import Sample
 
 SMALL = MultiCropSpec(groups=(CropGroup(2, 48, 0.3, 1.0), CropGroup(3, 24, 0.05, 0.3)))
 

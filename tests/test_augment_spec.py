@@ -8,7 +8,7 @@ import pytest
 
 from streamssl.augment.spec import CropGroup, MultiCropSpec, encoded_bytes
 from streamssl.config import AugmentConfig
-from streamssl.shards import Sample
+from streamssl.stream.shards import Sample
 
 
 def test_from_config_maps_every_field() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from streamssl.bench import memory_warmup_steps, rss_summary
 from streamssl.config import Config, resolve
+from streamssl.tools.bench import memory_warmup_steps, rss_summary
 
 MB = 2**20
 
@@ -49,7 +49,7 @@ def test_rss_summary_with_too_few_steps() -> None:
 def test_sinkhorn_precision_orders_the_three_ways_of_scoring() -> None:
     """bfloat16 scores move the codes most, float32 scores of bfloat16 embeddings less, float32 throughout
     hardly at all, each against the float64 reference."""
-    from streamssl.bench import sinkhorn_precision
+    from streamssl.tools.bench import sinkhorn_precision
 
     cfg = resolve("cpu-small", environ={}, overrides=["learner.batch_size=64", "learner.queue_length=0"])
     result = sinkhorn_precision(cfg, spread=1.0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamssl.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from streamssl.service.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 
 
 def state(step: int) -> dict:

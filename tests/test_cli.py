@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from streamssl import __version__
 from streamssl.cli import app
-from streamssl.shards import read_shard
+from streamssl.stream.shards import read_shard
 
 runner = CliRunner()
 TINY = ["--set", "model.arch=resnet18", "--set", "model.hidden_dim=32", "--set", "model.out_dim=16",

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from prometheus_client import CollectorRegistry
 
-from streamssl.collapse import Action, CollapseMonitor
 from streamssl.config import CollapseConfig, resolve
-from streamssl.daemon import Daemon
-from streamssl.methods.swav import max_code_entropy
+from streamssl.learner.methods.swav import max_code_entropy
+from streamssl.service.collapse import Action, CollapseMonitor
+from streamssl.service.daemon import Daemon
 from tests.synthetic import view_stream
 
 

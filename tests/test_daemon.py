@@ -25,11 +25,11 @@ import redis
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from streamssl.checkpoint import CheckpointManager
 from streamssl.config import resolve
-from streamssl.daemon import Daemon
-from streamssl.pack import pack_shards
-from streamssl.redis_source import publish_urls
+from streamssl.service.checkpoint import CheckpointManager
+from streamssl.service.daemon import Daemon
+from streamssl.stream.redis_source import publish_urls
+from streamssl.tools.pack import pack_shards
 
 TINY = [
     "model.arch=resnet18", "model.hidden_dim=32", "model.out_dim=16", "model.n_prototypes=16",

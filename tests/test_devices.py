@@ -93,8 +93,8 @@ class _MultiCrop:
 def test_the_feeder_thread_binds_the_run_device_then_releases_the_multicrop(monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    import streamssl.feeder as feeder_module
-    from streamssl.feeder import END, Feeder
+    import streamssl.service.feeder as feeder_module
+    from streamssl.service.feeder import END, Feeder
 
     bound: list[tuple[str, torch.device]] = []
     monkeypatch.setattr(feeder_module, "use_device", lambda d: bound.append((threading.current_thread().name, d)))
@@ -113,7 +113,7 @@ def test_the_feeder_thread_binds_the_run_device_then_releases_the_multicrop(monk
 
 def test_the_daemon_gives_dali_and_the_feeder_the_device_with_its_index(tmp_path, monkeypatch: pytest.MonkeyPatch
                                                                         ) -> None:
-    import streamssl.daemon as daemon_module
+    import streamssl.service.daemon as daemon_module
     from tests.test_daemon import config, make_shards
 
     shards = make_shards(tmp_path, 1)

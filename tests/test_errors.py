@@ -100,7 +100,7 @@ def test_ingest_mistakes(tmp_path: Path, redis_server) -> None:
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    from streamssl.checkpoint import CheckpointError
+    from streamssl.service.checkpoint import CheckpointError
 
     args = ["export", "--checkpoint", "/nonexistent.pt", str(tmp_path / "o")]
     result = runner.invoke(app, ["--debug", *args])

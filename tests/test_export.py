@@ -11,12 +11,12 @@ import torch
 import torchvision
 from torch import nn
 
-from streamssl.checkpoint import CheckpointManager, rng_state
 from streamssl.config import resolve
-from streamssl.engine import Learner
 from streamssl.errors import UsageError
-from streamssl.eval import load_trunk
-from streamssl.export import export, torchvision_model
+from streamssl.learner.engine import Learner
+from streamssl.service.checkpoint import CheckpointManager, rng_state
+from streamssl.tools.eval import load_trunk
+from streamssl.tools.export import export, torchvision_model
 from tests.synthetic import view_stream
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import streamssl.engine as engine_module
-import streamssl.methods.swav as swav_module
+import streamssl.learner.engine as engine_module
+import streamssl.learner.methods.swav as swav_module
 from streamssl.config import LearnerConfig, ModelConfig
 from streamssl.devices import native_bf16
-from streamssl.engine import Learner
+from streamssl.learner.engine import Learner
 from tests.synthetic import view_stream
 
 MODEL = ModelConfig(arch="resnet18", hidden_dim=128, out_dim=32, n_prototypes=32)
@@ -135,7 +135,7 @@ def test_bf16_only_where_the_device_has_it(monkeypatch: pytest.MonkeyPatch, capl
     monkeypatch.setattr(engine_module, "native_bf16", lambda device: native)
     monkeypatch.setattr(engine_module, "_warned", set())
     model = ModelConfig(arch="resnet18", hidden_dim=0, out_dim=8, n_prototypes=4)
-    with caplog.at_level("WARNING", logger="streamssl.engine"):
+    with caplog.at_level("WARNING", logger="streamssl.learner.engine"):
         on = Learner.build(model, LearnerConfig(batch_size=4, bf16=True))
     assert on.use_bf16 is native
     assert ("no native bfloat16" in caplog.text) is not native

@@ -7,9 +7,9 @@ import math
 import torch
 
 from streamssl.config import LearnerConfig, ModelConfig
-from streamssl.loss import swapped_prediction_loss
-from streamssl.methods.swav import SwAV
-from streamssl.sinkhorn import sinkhorn
+from streamssl.learner.methods.sinkhorn import sinkhorn
+from streamssl.learner.methods.swav import SwAV
+from streamssl.learner.methods.swav_loss import swapped_prediction_loss
 
 
 def swav(cfg: ModelConfig) -> SwAV:

@@ -13,14 +13,14 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from streamssl.config import BYOLConfig, LearnerConfig, MoCoConfig, ModelConfig, resolve
-from streamssl.daemon import Daemon
-from streamssl.engine import Learner
-from streamssl.export import export, torchvision_model
-from streamssl.methods import METHODS
-from streamssl.methods.byol import momentum_at, normalized_mse
-from streamssl.methods.deepcluster import cluster_prediction_loss, spherical_kmeans
-from streamssl.methods.moco import info_nce
-from streamssl.methods.simclr import nt_xent
+from streamssl.learner.engine import Learner
+from streamssl.learner.methods import METHODS
+from streamssl.learner.methods.byol import momentum_at, normalized_mse
+from streamssl.learner.methods.deepcluster import cluster_prediction_loss, spherical_kmeans
+from streamssl.learner.methods.moco import info_nce
+from streamssl.learner.methods.simclr import nt_xent
+from streamssl.service.daemon import Daemon
+from streamssl.tools.export import export, torchvision_model
 from tests.synthetic import view_stream
 from tests.test_daemon import config, make_shards
 from tests.test_eval import clustered_folder
@@ -203,7 +203,7 @@ def test_moco_keys_join_the_queue_only_after_their_loss_and_the_key_encoder_is_a
         seen.setdefault("keys", k.clone())
         return real(q, k, queue, temperature)
 
-    import streamssl.methods.moco as moco_module
+    import streamssl.learner.methods.moco as moco_module
 
     moco_module.info_nce, original = spy, moco_module.info_nce
     try:
@@ -280,7 +280,7 @@ def test_npid_memory_is_keyed_by_sample_id_bounded_and_moves_towards_new_embeddi
     import hashlib
 
     from streamssl.config import NPIDConfig
-    from streamssl.methods.npid import EMPTY, id_key
+    from streamssl.learner.methods.npid import EMPTY, id_key
 
     expected_key = int.from_bytes(hashlib.blake2b(b"shard-0.tar#img7", digest_size=8).digest(), "big") >> 1
     assert id_key("shard-0.tar#img7") == expected_key  # stable across processes, unlike hash()

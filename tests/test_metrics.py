@@ -18,12 +18,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from streamssl import __version__
-from streamssl import metrics as metrics_module
-from streamssl.engine import ENGINE_PARTS
-from streamssl.methods.swav import SwAV
-from streamssl.metrics import BAD_REASONS, Metrics
-from streamssl.metrics_server import MetricsServer
-from streamssl.reasons import BAD_REASONS as SAMPLE_REASONS
+from streamssl.learner.engine import ENGINE_PARTS
+from streamssl.learner.methods.swav import SwAV
+from streamssl.service import metrics as metrics_module
+from streamssl.service.metrics import BAD_REASONS, Metrics
+from streamssl.service.metrics_server import MetricsServer
+from streamssl.stream.reasons import BAD_REASONS as SAMPLE_REASONS
 
 # SwAV's diagnostics and parts, as the daemon declares them for a SwAV run
 DIAGNOSTICS = [(d.name, d.metric, d.help) for d in SwAV.diagnostics]
@@ -151,7 +151,7 @@ def emitted_reasons() -> set[str]:
 
 
 def test_every_reason_the_code_emits_is_a_label() -> None:
-    from streamssl.images import check_image
+    from streamssl.stream.images import check_image
 
     found = emitted_reasons()
     assert {"augment_error", "decode_error", "shard_error", "refused_url", "unsupported"} <= found
@@ -289,8 +289,8 @@ def test_metrics_is_a_leaf_module() -> None:
     tree = ast.parse(Path(metrics_module.__file__).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    forbidden = {"streamssl.engine", "streamssl.methods", "streamssl.daemon", "streamssl.store",
-                 "streamssl.checkpoint", "streamssl.cli",
+    forbidden = {"streamssl.learner.engine", "streamssl.learner.methods", "streamssl.service.daemon", "streamssl.store",
+                 "streamssl.service.checkpoint", "streamssl.cli",
                  "torch"}
     assert not {m for m in imported if m in forbidden or m.split(".")[0] == "torch"}
 

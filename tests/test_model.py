@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from streamssl.config import LearnerConfig, ModelConfig
-from streamssl.methods.swav import SwAV
-from streamssl.model import make_trunk
+from streamssl.learner.methods.swav import SwAV
+from streamssl.learner.model import make_trunk
 
 
 def swav(cfg: ModelConfig) -> SwAV:

@@ -16,9 +16,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from streamssl.config import MetricsConfig
-from streamssl.engine import ENGINE_PARTS
-from streamssl.methods.swav import SwAV
-from streamssl.metrics import Metrics
+from streamssl.learner.engine import ENGINE_PARTS
+from streamssl.learner.methods.swav import SwAV
+from streamssl.service.metrics import Metrics
 
 yaml = pytest.importorskip("yaml")
 

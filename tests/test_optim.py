@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from streamssl.config import LearnerConfig
-from streamssl.optim import LARS, build_optimizer, lr_at, param_groups
+from streamssl.learner.optim import LARS, build_optimizer, lr_at, param_groups
 
 
 def test_warmup_then_constant() -> None:

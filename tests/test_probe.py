@@ -10,9 +10,9 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from streamssl.config import ModelConfig, ProbeConfig, resolve
-from streamssl.daemon import Daemon
-from streamssl.model import make_trunk
-from streamssl.probe import LiveProbe
+from streamssl.learner.model import make_trunk
+from streamssl.service.daemon import Daemon
+from streamssl.service.probe import LiveProbe
 from tests.synthetic import view_stream
 from tests.test_eval import clustered_folder
 
@@ -58,8 +58,8 @@ def test_daemon_exports_the_probe(tmp_path: Path) -> None:
 
 
 def probe_alone(tmp_path: Path, cfg, registry) -> float:
-    from streamssl.checkpoint import CheckpointManager
-    from streamssl.engine import Learner
+    from streamssl.learner.engine import Learner
+    from streamssl.service.checkpoint import CheckpointManager
 
     learner = Learner.build(cfg.model, cfg.learner)
     learner.load_state_dict(CheckpointManager(tmp_path / "run").load()["learner"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamssl.queue import FeatureQueue
+from streamssl.learner.methods.swav_queue import FeatureQueue
 
 
 def batch(first: int, n: int, n_assign: int = 2, dim: int = 3) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from streamssl.cli import app
 from streamssl.errors import UsageError
-from streamssl.report import draw, read_history
+from streamssl.tools.report import draw, read_history
 
 
 def write_history(path: Path) -> None:

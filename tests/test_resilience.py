@@ -18,13 +18,13 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from streamssl import checkpoint as checkpoint_module
-from streamssl.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from streamssl.config import SourceConfig, resolve
-from streamssl.daemon import Daemon, DataPathFailed
-from streamssl.recovery import NonFiniteRun
-from streamssl.samples import SampleStream
-from streamssl.source import FolderSource, PatternSource
+from streamssl.service import checkpoint as checkpoint_module
+from streamssl.service.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from streamssl.service.daemon import Daemon, DataPathFailed
+from streamssl.service.recovery import NonFiniteRun
+from streamssl.stream.samples import SampleStream
+from streamssl.stream.source import FolderSource, PatternSource
 from tests.synthetic import view_stream
 from tests.test_daemon import TINY, make_shards
 
@@ -60,7 +60,7 @@ def test_damaged_newest_checkpoint_is_refused_with_the_reason_and_the_previous_o
     newest.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="does not match its checksum"):
         load_checkpoint(newest)
-    with caplog.at_level(logging.ERROR, logger="streamssl.checkpoint"):
+    with caplog.at_level(logging.ERROR, logger="streamssl.service.checkpoint"):
         state = CheckpointManager(tmp_path / "run").load()
     assert state is not None and state["step"] == 2
     assert "does not match its checksum" in caplog.text and "trying the one before it" in caplog.text
@@ -102,7 +102,7 @@ def test_checkpoint_write_failures_are_survived_and_retried(tmp_path: Path, monk
 
     monkeypatch.setattr(checkpoint_module.torch, "save", flaky_save)
     registry = CollectorRegistry()
-    with caplog.at_level(logging.ERROR, logger="streamssl.daemon"):
+    with caplog.at_level(logging.ERROR, logger="streamssl.service.daemon"):
         summary = run(config(tmp_path, "run.max_steps=6", "checkpoint.every_steps=2"), views=views(),
                       registry=registry)
     assert summary.error is None and summary.steps == 6  # training went on
@@ -184,7 +184,7 @@ def test_collapse_rollback_then_checkpoint_then_restart_resumes_after_the_rollba
 
 
 def test_a_feeder_error_shuts_down_cleanly_then_reports(tmp_path: Path, monkeypatch) -> None:
-    import streamssl.daemon as daemon_module
+    import streamssl.service.daemon as daemon_module
 
     shards = make_shards(tmp_path / "data", 4)
     real = daemon_module.make_multicrop
@@ -234,7 +234,7 @@ def test_dead_http_shards_back_off_instead_of_spinning(caplog) -> None:
     urls = (f"{base}/a.tar", f"{base}/b.tar")
     cfg = SourceConfig(urls=urls, shuffle_buffer=0)
     stream = SampleStream(PatternSource(urls, cycle=True), cfg)
-    with caplog.at_level(logging.WARNING, logger="streamssl.samples"):
+    with caplog.at_level(logging.WARNING, logger="streamssl.stream.samples"):
         reader = threading.Thread(target=lambda: list(stream), daemon=True)
         reader.start()
         time.sleep(4.0)
@@ -249,11 +249,11 @@ def test_dead_http_shards_back_off_instead_of_spinning(caplog) -> None:
 
 
 def test_a_quiet_folder_is_reported(tmp_path: Path, monkeypatch, caplog) -> None:
-    import streamssl.samples as samples_module
+    import streamssl.stream.samples as samples_module
 
     monkeypatch.setattr(samples_module, "IDLE_LOG_FIRST_S", 0.3)
     stream = SampleStream(FolderSource(tmp_path, poll_s=0.05), SourceConfig(urls=(str(tmp_path),)))
-    with caplog.at_level(logging.INFO, logger="streamssl.samples"):
+    with caplog.at_level(logging.INFO, logger="streamssl.stream.samples"):
         reader = threading.Thread(target=lambda: list(stream), daemon=True)
         reader.start()
         time.sleep(1.0)
@@ -266,7 +266,7 @@ def test_a_quiet_folder_is_reported(tmp_path: Path, monkeypatch, caplog) -> None
 
 def test_the_tls_files_of_the_store_serve_the_ingest_stream() -> None:
     from streamssl.redis_client import TLSFiles
-    from streamssl.source import make_source
+    from streamssl.stream.source import make_source
 
     source = make_source(SourceConfig(urls=("rediss://127.0.0.1:1/0",)), tls=TLSFiles("/ca.pem", "/c.pem", "/k.pem"))
     kwargs = source._client.connection_pool.connection_kwargs
@@ -278,7 +278,7 @@ def test_second_ctrl_c_exits_130_without_a_checkpoint_and_leaves_the_last_one(tm
     run_dir = tmp_path / "run"
     # Every checkpoint write takes 0.5 s longer (a large model on a slow disk), so the second signal, 0.15 s
     # after the first, always lands while the daemon is still stopping, as it does for a real run.
-    slow_saves = ("import time, streamssl.checkpoint as c; save = c.CheckpointManager.save; "
+    slow_saves = ("import time, streamssl.service.checkpoint as c; save = c.CheckpointManager.save; "
                   "c.CheckpointManager.save = lambda self, *a, **k: (time.sleep(0.5), save(self, *a, **k))[1]; "
                   "from streamssl.cli import main; main()")
     cmd = [sys.executable, "-c", slow_saves, "run", "--config", "cpu-small", "--set", f"checkpoint.dir={run_dir}",

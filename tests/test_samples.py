@@ -24,11 +24,11 @@ import pytest
 from PIL import Image
 
 from streamssl.config import SourceConfig
-from streamssl.images import check_image
-from streamssl.reasons import BAD_REASONS
-from streamssl.samples import SampleStream, shuffled
-from streamssl.shards import Sample, read_shard
-from streamssl.source import PatternSource
+from streamssl.stream.images import check_image
+from streamssl.stream.reasons import BAD_REASONS
+from streamssl.stream.samples import SampleStream, shuffled
+from streamssl.stream.shards import Sample, read_shard
+from streamssl.stream.source import PatternSource
 
 # --------------------------------------------------------------------------------------------- helpers
 

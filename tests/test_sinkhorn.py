@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamssl.sinkhorn import LOG_DOMAIN_SPREAD, sinkhorn, torch_distributed_reduce
+from streamssl.learner.methods.sinkhorn import LOG_DOMAIN_SPREAD, sinkhorn, torch_distributed_reduce
 
 
 def cosine_scores(n: int, k: int, d: int = 16, seed: int = 0) -> torch.Tensor:

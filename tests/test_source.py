@@ -24,9 +24,9 @@ import redis
 from PIL import Image
 
 from streamssl.config import ConfigError, SourceConfig
-from streamssl.redis_source import RedisAuthError, RedisStreamSource, publish_urls, redis_client
-from streamssl.samples import SampleStream
-from streamssl.source import (
+from streamssl.stream.redis_source import RedisAuthError, RedisStreamSource, publish_urls, redis_client
+from streamssl.stream.samples import SampleStream
+from streamssl.stream.source import (
     FolderSource,
     PatternSource,
     SourceError,

@@ -76,8 +76,8 @@ def rstore(redis_server) -> Iterator[RedisPrototypeStore]:
 
 def test_store_is_a_leaf_without_torch() -> None:
     code = ("import sys, streamssl.store; "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('streamssl.engine', "
-            "'streamssl.daemon', 'streamssl.metrics', 'streamssl.config', 'prometheus_client'))))")
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('streamssl.learner.engine', "
+            "'streamssl.service.daemon', 'streamssl.service.metrics', 'streamssl.config', 'prometheus_client'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from streamssl.config import AugmentConfig
-from streamssl.images import IMAGE_EXTS  # what the stream accepts: the bench reads what a run would
+from streamssl.stream.images import IMAGE_EXTS  # what the stream accepts: the bench reads what a run would
 
 
 def synthetic_image(rng: np.random.Generator, width: int = 400, height: int = 300) -> np.ndarray:
@@ -91,7 +91,7 @@ def _iter_encoded(shards: str, on_bad: Callable[[str], None]) -> Iterator[bytes]
 
     urls = [entry["url"] for entry in wds.SimpleShardList(shards)]
     try:
-        from streamssl.shards import read_shard
+        from streamssl.stream.shards import read_shard
     except ImportError:  # the minimal reader
         for sample in wds.tarfile_to_samples()(iter({"url": url} for url in urls)):
             for ext in IMAGE_EXTS:

@@ -155,7 +155,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    """The method (methods/), its objective and the optimisation (engine.py, optim.py). The SwAV settings
+    """The method (learner/methods/), its objective and the optimisation (engine.py, optim.py). The SwAV settings
     (temperature to freeze_prototypes_steps) are here for the SwAV method; each other method has a section."""
 
     method: str = _f("swav", "The self-supervised method; each but SwAV has its own section ([simclr], [moco], "
@@ -198,7 +198,7 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class SimCLRConfig:
-    """SimCLR (methods/simclr.py): NT-Xent over the views of a batch."""
+    """SimCLR (learner/methods/simclr.py): NT-Xent over the views of a batch."""
 
     temperature: float = _f(0.2, "Softmax temperature of NT-Xent (the paper: 0.1 at batch 4096, 0.5 for small "
                             "batches; 0.2 between).", gt=0)
@@ -206,7 +206,7 @@ class SimCLRConfig:
 
 @dataclass(frozen=True)
 class MoCoConfig:
-    """MoCo v2 (methods/moco.py): queries against a momentum encoder's keys and a queue of earlier keys."""
+    """MoCo v2 (learner/methods/moco.py): queries against a momentum encoder's keys and a queue of earlier keys."""
 
     temperature: float = _f(0.2, "InfoNCE temperature (MoCo v2: 0.2).", gt=0)
     queue_length: int = _f(4096, "Negative keys kept (MoCo: 65536 on ImageNet; the queue is a stream's recent "
@@ -218,7 +218,7 @@ class MoCoConfig:
 
 @dataclass(frozen=True)
 class DeepClusterConfig:
-    """DeepCluster-v2 (methods/deepcluster.py): k-means centroids on a memory of the recent stream; its
+    """DeepCluster-v2 (learner/methods/deepcluster.py): k-means centroids on a memory of the recent stream; its
     temperature, number of centroids (model.n_prototypes) and assignment views are SwAV's settings."""
 
     memory_length: int = _f(4096, "Embeddings of the recent stream that k-means clusters (the paper: the whole "
@@ -229,7 +229,7 @@ class DeepClusterConfig:
 
 @dataclass(frozen=True)
 class NPIDConfig:
-    """NPID (methods/npid.py): instance discrimination against a bounded memory keyed by sample id."""
+    """NPID (learner/methods/npid.py): instance discrimination against a bounded memory keyed by sample id."""
 
     temperature: float = _f(0.07, "Non-parametric softmax temperature (NPID: 0.07).", gt=0)
     memory_length: int = _f(16384, "Instances remembered (the oldest overwritten first).", ge=1)
@@ -241,7 +241,7 @@ class NPIDConfig:
 
 @dataclass(frozen=True)
 class BYOLConfig:
-    """BYOL (methods/byol.py): online network and predictor against an EMA target."""
+    """BYOL (learner/methods/byol.py): online network and predictor against an EMA target."""
 
     predictor_dim: int = _f(512, "Hidden width of the predictor MLP (the paper: 4096 for a 256-d projection).",
                             ge=1)

@@ -1,0 +1,416 @@
+"""The long-running service: shards in, SwAV steps out, state kept safe, health visible.
+
+Wires the stages of DESIGN.md:
+
+    source -> samples -> augment      (feeder.py's thread: full batches of views, each tagged with the stream
+                                       position after it, prefetched so the learner never waits when the
+                                       data path is faster than the model)
+    learner                           (the main thread: one SwAV step per batch)
+    store, checkpoint, metrics        (cadences owned here: prototypes every N steps, checkpoints every N
+                                       steps or T seconds, heartbeats, one progress line per interval:
+                                       progress.py; whether a checkpoint fits this run: resume.py)
+
+Signals: SIGTERM/SIGINT finish the current step, write a checkpoint and the prototypes, ack the shards the
+checkpoint covers, and exit 0; a second signal exits at once. The position saved with a checkpoint is the one
+after the last *trained* batch, so prefetched batches are read again after a restart (at least once).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+from torch import Tensor
+
+from streamssl.augment import make_multicrop
+from streamssl.config import Config
+from streamssl.devices import pick_device, use_device
+from streamssl.errors import RuntimeFailure, StreamsslError
+from streamssl.learner.engine import ENGINE_PARTS, Learner, StepStats
+from streamssl.learner.methods import method_settings
+from streamssl.redis_client import TLSFiles
+from streamssl.service.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointWriteError,
+    rng_state,
+    set_rng_state,
+)
+from streamssl.service.feeder import END, Batch, Feeder
+from streamssl.service.metrics import Metrics
+from streamssl.service.metrics_server import MetricsServer
+from streamssl.service.probe import LiveProbe
+from streamssl.service.progress import History, format_progress
+from streamssl.service.recovery import CollapseRecovery, NonFiniteStreak
+from streamssl.service.resume import check_fits, does_not_fit
+from streamssl.store import BackgroundWriter, open_store
+from streamssl.stream.samples import SampleStream
+from streamssl.stream.source import make_source
+
+log = logging.getLogger("streamssl.service.daemon")
+
+
+class DataPathFailed(RuntimeFailure):
+    """The feeder thread (source, samples, augment) stopped on an unexpected error."""
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    images: int
+    seconds: float
+    last_loss: float
+    skipped_steps: int
+    stopped_by_signal: bool
+    checkpoint: str | None = None
+    bad_samples: dict[str, int] = field(default_factory=dict)
+    error: BaseException | None = None  # why the run stopped early, after shutting down cleanly
+
+
+class Daemon:
+    """Streams shards through the learner until a limit or a signal, keeping state safe and visible.
+
+    Args:
+        cfg: the resolved configuration.
+        registry: Prometheus registry for this run (a fresh one by default).
+        views: an iterator of view batches that replaces the whole data path (tests, benchmarks).
+        echo: where progress lines go.
+    """
+
+    def __init__(self, cfg: Config, *, registry: CollectorRegistry | None = None,
+                 views: Iterator[list[Tensor]] | None = None, echo: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.echo = echo
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.device = pick_device(cfg.run.device)  # cuda always with its index: DALI and the feeder use it
+        use_device(self.device)
+        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
+        self.checkpoints.prepare()  # a folder that cannot hold checkpoints stops the run now, not at its end
+        self.learner = Learner.build(cfg.model, cfg.learner, device=self.device, settings=method_settings(cfg))
+        method = self.learner.method
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry, arch=cfg.model.arch, parts=method.parts + ENGINE_PARTS,
+                               diagnostics=[(d.name, d.metric, d.help) for d in method.diagnostics])
+        self.learner_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.store = open_store(cfg.store, local_dir=os.path.join(cfg.checkpoint.dir, "store"),
+                                writer=self.learner_id)
+        self.writer = BackgroundWriter(self.store, on_result=self._on_store_result,
+                                       max_backoff_s=cfg.store.retry_max_s)
+        self.bad = Counter[str]()
+        self._views = views
+        self.stream: SampleStream | None = None
+        self.feeder: Feeder | None = None
+        self.images = 0
+        self.position: dict[str, Any] | None = None
+        self.server: MetricsServer | None = None
+        self._signals = 0
+        self.error: BaseException | None = None  # set when the run stops on an error after a clean shutdown
+        self._write_final_checkpoint = True
+        self.last_checkpoint_error: BaseException | None = None
+        self._last_ckpt_time = time.monotonic()
+        self._last_ckpt_step = -1
+        self._last_ckpt_path: str | None = None
+        self._last_heartbeat = 0.0
+        self._published: Tensor | None = None
+        self.history = History(os.path.join(cfg.checkpoint.dir, "history.jsonl"))
+        self.recovery = CollapseRecovery(cfg, self.learner, self.metrics, self.history)
+        self.nonfinite = NonFiniteStreak(cfg, self.echo, self.history)
+        self.probe: LiveProbe | None = None
+        if cfg.probe.dataset:
+            self.probe = LiveProbe(cfg.probe, size=cfg.augment.sizes[0], mean=cfg.augment.mean,
+                                   std=cfg.augment.std, device=self.device)
+
+    # ------------------------------------------------------------------ wiring
+
+    def _on_store_result(self, ok: bool, seconds: float) -> None:
+        self.metrics.store_result(ok, self.writer.lag_steps)
+
+    def _on_bad(self, reason: str) -> None:
+        self.bad[reason] += 1
+        self.metrics.bad_sample(reason)
+
+    def _data(self) -> Iterator[Batch]:
+        if self._views is not None:
+            return (Batch(v) for v in self._views)
+        cfg = self.cfg
+        source_cfg = cfg.source
+        if not source_cfg.urls:
+            from streamssl.stream.demo import demo_max_side, demo_shards
+
+            side = demo_max_side(cfg.augment.sizes)
+            pattern = demo_shards(os.path.join(cfg.checkpoint.dir, f"demo-shards-{side}px"), max_side=side)
+            source_cfg = type(source_cfg)(**{**source_cfg.__dict__, "urls": (pattern,), "cycle": True})
+            self.echo(f"no source.urls: streaming the embedded demo images ({pattern}), cycled")
+        self.stream = SampleStream(make_source(source_cfg, tls=TLSFiles.of(cfg.store)), source_cfg,
+                                   on_bad=self._on_bad, defer_ack=True, ack=self._ack)
+        if self.position is not None:
+            self.stream.load_state_dict(self.position)
+        multicrop = make_multicrop(cfg.augment, cfg.learner.batch_size, device=str(self.device),
+                                   on_bad=self._on_bad)
+        self.feeder = Feeder(self.stream, multicrop, cfg.learner.batch_size, cfg.augment.prefetch,
+                             device=self.device)
+        self.feeder.start()
+        return self._drain(self.feeder)
+
+    def _ack(self, url: str) -> None:
+        assert self.stream is not None
+        self.stream.source.mark_done(url)
+        self.metrics.shard_done()
+
+    def _drain(self, feeder: Feeder) -> Iterator[Batch]:
+        while True:
+            try:
+                item = feeder.out.get(timeout=0.5)
+            except queue.Empty:
+                if self._signals:
+                    return
+                if self.stream is not None:
+                    self.metrics.set_source_idle(self.stream.idle_seconds())
+                continue
+            if item is END:
+                if feeder.error is not None:  # stop as on SIGTERM (checkpoint, store, server), then report it
+                    exc = feeder.error
+                    self.error = exc if isinstance(exc, StreamsslError) else DataPathFailed(
+                        f"the data path failed: {type(exc).__name__}: {exc}")
+                return
+            yield item
+
+    # ------------------------------------------------------------------ state
+
+    def restore(self) -> bool:
+        """Resume from the newest checkpoint in checkpoint.dir (when resume is on). True when it did."""
+        if not self.cfg.checkpoint.resume:
+            return False
+        # Loaded on the CPU: the learner moves its tensors to its device, and the RNG states must stay CPU
+        # tensors (torch.set_rng_state and torch.cuda.set_rng_state_all refuse CUDA ones).
+        state = self.checkpoints.load(map_location="cpu")
+        if state is None:
+            return False
+        same_source = check_fits(state["path"], state.get("config") or {}, self.cfg)
+        try:
+            self.learner.load_state_dict(state["learner"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(does_not_fit(state["path"], str(exc))) from None
+        set_rng_state(state["rng"])
+        self.position = state.get("position") if same_source else None
+        self.images = int(state.get("images", 0))
+        self._last_ckpt_step = self.learner.step_count
+        self._last_ckpt_path = state["path"]
+        self.metrics.checkpoint_written(float(state.get("saved_at", time.time())))
+        self.echo(f"resumed from {state['path']} at step {self.learner.step_count} ({self.images} images)")
+        return True
+
+    def checkpoint(self) -> str | None:
+        """Write a checkpoint of everything, then ack the shards it covers. None when the write failed: that
+        is logged and counted, training goes on, and the next interval tries again."""
+        try:
+            path = self.checkpoints.save({
+                "learner": self.learner.state_dict(), "rng": rng_state(), "position": self.position,
+                "images": self.images, "config": self.cfg.to_dict(),
+            }, self.learner.step_count)
+        except CheckpointWriteError as exc:
+            self.metrics.checkpoint_failed()
+            self._last_ckpt_time = time.monotonic()  # retry at the next interval, not at every step
+            log.error("%s; training goes on and the next checkpoint interval tries again (the last checkpoint is "
+                      "%s; shards are acknowledged only once a checkpoint covers them)", exc, self._last_ckpt_path)
+            self.last_checkpoint_error = exc
+            return None
+        self.last_checkpoint_error = None
+        if self.stream is not None and self.position is not None:
+            self.stream.commit(self.position)
+        self._last_ckpt_time, self._last_ckpt_step, self._last_ckpt_path = (
+            time.monotonic(), self.learner.step_count, str(path))
+        self.metrics.checkpoint_written(time.time())
+        self.writer.record_checkpoint({"path": str(path), "step": self.learner.step_count, "time": time.time()})
+        return str(path)
+
+    def publish_prototypes(self) -> None:
+        """The method's published tensor (SwAV's prototypes) to the store; nothing for a method without one."""
+        published = self.learner.method.published()
+        if published is None:
+            return
+        protos = published.detach().float().cpu()
+        if self._published is not None:
+            drift = 1 - torch.nn.functional.cosine_similarity(protos, self._published, dim=1).mean()
+            self.metrics.prototype_drift(float(drift))
+        self._published = protos.clone()
+        self.writer.submit(protos.numpy(), self.learner.step_count)
+
+    def heartbeat(self, stats: StepStats | None) -> None:
+        info: dict[str, str | int | float] = {"step": self.learner.step_count, "images": self.images,
+                                               "pid": os.getpid(), "host": socket.gethostname()}
+        if stats is not None and math.isfinite(stats.loss):
+            info["loss"] = round(stats.loss, 4)
+        self.writer.heartbeat(self.learner_id, info, self.cfg.store.heartbeat_ttl_s)
+        self._last_heartbeat = time.monotonic()
+
+    def run_probe(self) -> None:
+        assert self.probe is not None
+        result = self.probe.measure(self.learner.model.trunk)
+        if result is None:
+            return
+        top1, seconds = result
+        self.metrics.probe_accuracy(top1, seconds)
+        self.history.event({"time": round(time.time(), 3), "event": "probe", "step": self.learner.step_count,
+                            "probe_top1": top1, "probe_seconds": round(seconds, 3)})
+        self.echo(f"probe   {self.learner.step_count:>7} | kNN top-1 {top1:.3f} on {len(self.probe.test_y)} images "
+                  f"({seconds:.1f} s)")
+
+    # ------------------------------------------------------------------ loop
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            last = self._last_ckpt_path or "none yet"
+            os.write(2, f"second signal: exiting now without a final checkpoint; the last checkpoint ({last}) is "
+                        "intact and a restart resumes from it\n".encode())
+            os._exit(128 + signum)
+        log.warning("signal %s: finishing the current step, then checkpointing and stopping "
+                    "(send it again to exit at once)", signal.Signals(signum).name)
+        if self.feeder is not None:
+            self.feeder.stop()
+
+    def _start_server(self) -> None:
+        if self.cfg.metrics.port < 0:
+            return
+        self.server = MetricsServer(self.metrics, self.registry, host=self.cfg.metrics.host,
+                                    port=self.cfg.metrics.port, stall_s=self.cfg.metrics.stall_s)
+        self.echo(f"metrics on http://{self.cfg.metrics.host}:{self.server.port}/metrics "
+                  f"(health: /healthz)")
+
+    def budget_used(self, elapsed_s: float) -> float | None:
+        """Fraction of the run's budget used: the largest over run.max_steps, max_images and max_seconds,
+        capped at 1 (the loop stops there), or None for an unbounded run."""
+        run = self.cfg.run
+        used = [done / limit for done, limit in ((self.learner.step_count, run.max_steps),
+                                                 (self.images, run.max_images), (elapsed_s, run.max_seconds))
+                if limit]
+        return min(max(used), 1.0) if used else None
+
+    def run(self) -> RunSummary:
+        """Train until a limit, a signal or an error; shut down cleanly either way.
+
+        A clean stop (limit, signal, the data path failing) writes a final checkpoint and the prototypes,
+        acks the shards the checkpoint covers and closes the store writer and the metrics server; an error
+        that stopped it is in ``RunSummary.error``. A run of non-finite steps stops without a checkpoint
+        (nothing was learned since the last one). The signal handlers stay until everything is closed, so
+        a second signal during the final checkpoint exits at once, leaving the previous checkpoint intact.
+        """
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+        start = time.monotonic()
+        try:
+            stats, n_images_run = self._loop(start)
+            path = self._last_ckpt_path
+            if self._write_final_checkpoint:
+                path = self._final_checkpoint(path)
+            self.publish_prototypes()
+            self.heartbeat(stats)
+            if not self.writer.flush(timeout_s=10.0):
+                log.warning("the prototype store did not take the final prototypes within 10 s")
+        finally:
+            self.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return RunSummary(steps=self.learner.step_count, images=n_images_run, seconds=time.monotonic() - start,
+                          last_loss=stats.loss if stats else math.nan, skipped_steps=self.learner.n_skipped,
+                          stopped_by_signal=bool(self._signals), checkpoint=path, bad_samples=dict(self.bad),
+                          error=self.error)
+
+    def _final_checkpoint(self, path: str | None) -> str | None:
+        if self.learner.step_count == self._last_ckpt_step:
+            return path
+        written = self.checkpoint()
+        if written is None and self.error is None:
+            self.error = RuntimeFailure(
+                f"the final checkpoint was not written ({self.last_checkpoint_error}); the training since the last "
+                f"checkpoint ({self._last_ckpt_path or 'none'}) is lost, and the shards it read are read again "
+                "after a restart")
+        return written or path
+
+    def _loop(self, start: float) -> tuple[StepStats | None, int]:
+        cfg = self.cfg
+        stats: StepStats | None = None
+        n_images_run = 0
+        try:
+            self.restore()
+            self._start_server()
+            self.heartbeat(None)
+            data = self._data()
+            window_images, window_wait, window_start = 0, 0.0, time.monotonic()
+            while not self._signals:
+                used = self.budget_used(time.monotonic() - start)
+                if used is not None and used >= 1.0:
+                    break
+                t = time.monotonic()
+                batch = next(data, None)
+                wait_s = time.monotonic() - t
+                if batch is None:
+                    break
+                stats = self.learner.step(batch.views, progress=self.budget_used(time.monotonic() - start),
+                                          ids=batch.ids)
+                if batch.position is not None:
+                    self.position = batch.position
+                self.images += stats.n_images
+                n_images_run += stats.n_images
+                window_images += stats.n_images
+                window_wait += wait_s
+                self.metrics.observe_step(n_images=stats.n_images, loss=stats.loss, lr=stats.lr,
+                                          step_s=stats.total_s, data_wait_s=wait_s, skipped=stats.skipped,
+                                          diagnostics=stats.diagnostics, parts=stats.times)
+                if self.stream is not None:
+                    self.metrics.set_source_idle(self.stream.idle_seconds())
+                step = stats.step
+                if stats.skipped:
+                    error = self.nonfinite.skipped(stats, self.learner.n_skipped, self._last_ckpt_path)
+                    if error is not None:  # nothing learned since the last checkpoint: do not write one
+                        self._write_final_checkpoint, self.error = False, error
+                        break
+                    continue
+                self.nonfinite.reset()
+                if step % cfg.run.log_every_steps == 0:
+                    elapsed = time.monotonic() - window_start
+                    self.metrics.set_data_wait_share(window_wait / elapsed)
+                    self.echo(format_progress(stats, window_images / elapsed, window_wait / elapsed,
+                                              self.learner.method.diagnostics, self.learner.n_skipped,
+                                              limits={"prototypes_in_use": f"/{cfg.model.n_prototypes}"}))
+                    self.history.write(stats, images=self.images, images_per_s=window_images / elapsed,
+                                       data_wait=window_wait / elapsed, skipped_steps=self.learner.n_skipped)
+                    window_images, window_wait, window_start = 0, 0.0, time.monotonic()
+                self.recovery.watch(stats)
+                if self.probe is not None and step % cfg.probe.every_steps == 0:
+                    self.run_probe()
+                if step % cfg.store.every_steps == 0:
+                    self.publish_prototypes()
+                if time.monotonic() - self._last_heartbeat > cfg.store.heartbeat_ttl_s / 3:
+                    self.heartbeat(stats)
+                if step != self._last_ckpt_step and (step % cfg.checkpoint.every_steps == 0 or
+                                                     time.monotonic() - self._last_ckpt_time > cfg.checkpoint.every_s):
+                    self.checkpoint()
+        finally:
+            if self.feeder is not None:
+                self.feeder.stop()
+        return stats, n_images_run
+
+    def close(self) -> None:
+        if self.feeder is not None:
+            self.feeder.stop()
+            self.feeder.join(timeout=10)
+        self.writer.close()
+        self.history.close()
+        if self.server is not None:
+            self.server.close()

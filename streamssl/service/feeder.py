@@ -1,0 +1,111 @@
+"""The data path's thread: samples -> multi-crop -> full batches of views, prefetched into a bounded queue, each
+tagged with the stream position after its last sample (the daemon checkpoints that position once the batch
+was trained on)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from streamssl.devices import use_device
+from streamssl.stream.samples import SampleStream
+
+log = logging.getLogger("streamssl.service.daemon")
+
+
+@dataclass
+class Batch:
+    """A full batch of views and the stream position right after its last sample."""
+
+    views: list[Tensor]
+    position: dict[str, Any] | None = None
+    ids: list[str] | None = None  # Sample.id of each image, in batch order
+
+
+END = object()  # the feeder's "stream ended" marker
+
+
+
+class Feeder(threading.Thread):
+    """Producer thread: samples -> multi-crop -> full batches, into a bounded queue.
+
+    A multi-crop call may drop undecodable samples; the feeder tops the batch up with more samples so the
+    learner always gets exactly ``batch_size`` images (a final partial batch of a finite stream is passed on
+    when it has at least 2 images). ``device``: where the views go; on CUDA the thread makes it its current
+    device before any CUDA call. When the stream ends or stops, the multi-crop's ``close`` (if it has one)
+    releases its workers.
+    """
+
+    def __init__(self, stream: SampleStream, multicrop: Callable, batch_size: int, prefetch: int, *,
+                 device: torch.device | None = None) -> None:
+        super().__init__(name="streamssl-feeder", daemon=True)
+        self.device = device if device is not None else torch.device("cpu")
+        self.stream = stream
+        self.multicrop = multicrop
+        self.batch_size = batch_size
+        self.out: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.stream.close()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop_event.is_set():
+            try:
+                self.out.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self) -> None:
+        try:
+            use_device(self.device)  # torch's current CUDA device is per thread: DALI's copies land on ours
+            samples = iter(self.stream)
+            exhausted = False
+            while not self._stop_event.is_set() and not exhausted:
+                parts: list[list[Tensor]] = []
+                ids: list[str] = []
+                have = 0
+                while have < self.batch_size and not self._stop_event.is_set():
+                    chunk, chunk_ids = [], []
+                    for sample in samples:
+                        chunk.append(sample.data)
+                        chunk_ids.append(sample.id)
+                        if len(chunk) == self.batch_size - have:
+                            break
+                    else:
+                        exhausted = True
+                    if chunk:
+                        views, kept = self.multicrop(chunk)
+                        if kept:
+                            parts.append(views)
+                            ids += [chunk_ids[k] for k in kept]
+                            have += len(kept)
+                    if exhausted:
+                        break
+                if self._stop_event.is_set() or have < 2:
+                    break
+                views = [torch.cat(group) for group in zip(*parts, strict=True)] if len(parts) > 1 else parts[0]
+                if not self._put(Batch(views, self.stream.state_dict(), ids)):
+                    break
+        except BaseException as exc:  # surfaced in the main thread
+            self.error = exc
+            log.exception("data feeder failed")
+        finally:
+            close = getattr(self.multicrop, "close", None)
+            if close is not None:
+                close()
+            self._put(END)
+
+
+__all__ = ["END", "Batch", "Feeder"]

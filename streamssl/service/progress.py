@@ -1,0 +1,53 @@
+"""What a run tells people: one progress line per interval, and its own record, ``history.jsonl`` in the run
+folder (one JSON line per progress line, plus events), which ``streamssl report`` draws."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from streamssl.learner.engine import StepStats
+from streamssl.learner.methods.base import Diagnostic
+
+
+def format_progress(stats: StepStats, images_per_s: float, wait_share: float, diagnostics: Sequence[Diagnostic],
+                    skipped: int = 0, *, limits: dict[str, str] | None = None) -> str:
+    """One concise progress line: the generic numbers, then the method's diagnostics as it declares them
+    (``limits``: a suffix per diagnostic, e.g. "/3000" after the prototypes in use)."""
+    fields = [f"step {stats.step:>7}", f"{images_per_s:7.1f} img/s", f"loss {stats.loss:6.3f}", f"lr {stats.lr:.2e}"]
+    for d in diagnostics:
+        if d.name in stats.diagnostics:
+            fields.append(f"{d.label} {d.fmt.format(stats.diagnostics[d.name])}{(limits or {}).get(d.name, '')}")
+    return " | ".join([*fields, f"data wait {wait_share:4.0%}", f"skipped {skipped}"])
+
+
+class History:
+    """The run's own record: one JSON line per progress line, appended to ``history.jsonl`` in the run folder
+    (``streamssl report`` draws it). Survives restarts: a resumed run appends."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = None
+
+    def write(self, stats: StepStats, **extra: float) -> None:
+        record = {"time": round(time.time(), 3), "step": stats.step, "loss": stats.loss, "lr": stats.lr,
+                  **stats.diagnostics, **extra}
+        self.event(record)
+
+    def event(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - kept open for the run
+        self._file.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()})
+                         + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+__all__ = ["History", "format_progress"]
