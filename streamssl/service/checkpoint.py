@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from streamssl.atomic import write_atomic
 from streamssl.errors import RuntimeFailure, UsageError
 
 FORMAT = 1
@@ -147,24 +148,11 @@ class CheckpointManager:
         sequence = max(step, _sequence(existing[-1]) + 1) if existing else step
         final = self.folder / f"ckpt-{sequence:012d}.pt"
         payload = {"format": FORMAT, "step": step, "sequence": sequence, "saved_at": time.time(), **state}
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=self.folder)
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
+        try:  # a hidden .ckpt-*.tmp beside it while written (prepare removes those a killed writer left)
+            write_atomic(final, lambda f: torch.save(payload, f), sync_folder=True)
         except OSError as exc:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             raise CheckpointWriteError(f"checkpoint of step {step} not written to {self.folder}: "
                                        f"{exc.strerror or exc}") from exc
-        except BaseException:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.folder)
         for old in self.paths()[:-self.keep]:
             old.unlink(missing_ok=True)
         return final
@@ -189,12 +177,3 @@ def _sequence(path: Path) -> int:
     return int(_NAME.match(path.name).group(1))  # type: ignore[union-attr]
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -22,6 +21,7 @@ try:  # POSIX: a real lock between processes sharing a local store
 except ImportError:  # pragma: no cover - not on Linux
     fcntl = None  # type: ignore[assignment]
 
+from streamssl.atomic import fsync_folder, write_atomic
 from streamssl.store.contract import (
     DTYPE,
     CorruptPrototypes,
@@ -92,21 +92,6 @@ class LocalPrototypeStore(StatusMixin):
                 if fcntl is not None:
                     fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
-    def _atomic_write(self, path: Path, payload: bytes, *, durable: bool = True) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(payload)
-                if durable:  # the rename must never expose a file whose bytes are not on disk after a crash
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-
     def write(self, prototypes: Any, step: int, *, expected_version: int | None) -> int:
         """Publish (K, D) prototypes taken at ``step``; return the new version (see RedisPrototypeStore)."""
         data, shape = encode(prototypes)
@@ -118,16 +103,11 @@ class LocalPrototypeStore(StatusMixin):
             new = current + 1
             header = {"version": new, "step": int(step), "shape": list(shape), "dtype": DTYPE,
                       "written_at": time.time(), "writer": self.writer, "checksum": checksum(data)}
-            self._atomic_write(self._path(new), _MAGIC + json.dumps(header).encode() + b"\n" + data)
+            write_atomic(self._path(new), lambda fh: fh.write(_MAGIC + json.dumps(header).encode() + b"\n" + data))
             for old in versions[self.history_len:]:  # keep the new one and `history` earlier ones
                 with contextlib.suppress(FileNotFoundError):
                     self._path(old).unlink()
-        with contextlib.suppress(OSError):  # make the rename itself durable (best effort)
-            dir_fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        fsync_folder(self.dir)  # the rename and the removals survive a crash too
         return new
 
     def _load(self, version: int, with_data: bool) -> tuple[np.ndarray | None, PrototypeMeta]:
@@ -202,7 +182,7 @@ class LocalPrototypeStore(StatusMixin):
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         body = {"learner_id": learner_id, "info": check_info(info), "at": time.time(), "ttl_s": float(ttl_s)}
         # no fsync: a heartbeat lost in a crash is what a crash should look like anyway
-        self._atomic_write(self._heartbeat_path(learner_id), json.dumps(body).encode(), durable=False)
+        write_atomic(self._heartbeat_path(learner_id), lambda fh: fh.write(json.dumps(body).encode()), durable=False)
 
     def learners(self) -> list[dict[str, Any]]:
         """Live learners (heartbeat not expired): learner_id, info, heartbeat_age_s, expires_in_s."""
@@ -214,7 +194,7 @@ class LocalPrototypeStore(StatusMixin):
 
     def record_checkpoint(self, info: Mapping[str, Any]) -> None:
         body = check_info(info) | {"recorded_at": time.time()}
-        self._atomic_write(self.dir / "last-checkpoint.json", json.dumps(body).encode())
+        write_atomic(self.dir / "last-checkpoint.json", lambda fh: fh.write(json.dumps(body).encode()))
 
     def last_checkpoint(self) -> dict[str, Any] | None:
         try:

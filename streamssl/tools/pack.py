@@ -33,6 +33,7 @@ from typing import BinaryIO
 from PIL import Image
 from webdataset import TarWriter
 
+from streamssl.atomic import write_atomic
 from streamssl.errors import RuntimeFailure, UsageError
 from streamssl.stream.images import IMAGE_EXTS, check_image
 
@@ -67,21 +68,6 @@ def _images(src_dir: Path) -> Iterator[Path]:
     for path in sorted(src_dir.rglob("*")):
         if path.suffix.lower().lstrip(".") in IMAGE_EXTS and path.is_file():
             yield path
-
-
-def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through ``.<name>.tmp`` beside it, then rename: no partial file under ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def downscale(data: bytes, ext: str, max_side: int) -> tuple[bytes, str]:
@@ -189,7 +175,7 @@ def pack_shards(src_dir: str | os.PathLike[str], out_pattern: str, *, per_shard:
                     sink.write(sample)
                     n_written += 1
 
-        _write_atomic(path, write)
+        write_atomic(path, write)
         written.append(path)
         log.info("pack: wrote %s (%d samples)", path, n_written)
 
@@ -199,7 +185,7 @@ def pack_shards(src_dir: str | os.PathLike[str], out_pattern: str, *, per_shard:
         def write_classes(stream: BinaryIO) -> None:
             stream.write(json.dumps(classes).encode())
 
-        _write_atomic(classes_path, write_classes)
+        write_atomic(classes_path, write_classes)
     if skipped:
         log.warning("pack: skipped %d images: %s", sum(skipped.values()), dict(skipped))
     if not images:
