@@ -57,9 +57,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from streamssl.config import LearnerConfig
+from streamssl.learner.evaluate import FASHION_MNIST_DIR, load_fashion_mnist
 from streamssl.learner.model import TRUNK_DIMS, make_trunk, stem_of
 from streamssl.learner.optim import lr_at, set_lr
-from streamssl.tools.eval import FASHION_MNIST_DIR, load_fashion_mnist
 
 OBJECTIVES = ("swav", "simclr", "moco", "byol")
 

@@ -12,7 +12,7 @@ One command, in order, never two trainings at once:
    (``benchmarks/lightly_baseline.py``) for the same budget on the same images with the same views, trunk,
    batch, schedule and the method's own settings (read from the resolved streamssl profile), saving its
    trunk as often;
-3. after each training (never during one) evaluates its snapshots: the weighted kNN of ``streamssl.tools.eval``
+3. after each training (never during one) evaluates its snapshots: the weighted kNN of ``streamssl.learner.evaluate``
    (k=20, T=0.07, cosine) on the full test set against the full training set, and on the last snapshot a
    linear probe (multinomial logistic regression on the frozen, standardised features, full-batch L-BFGS:
    the SwAV paper's protocol of a linear classifier on frozen features); features at the global view size.
@@ -52,9 +52,7 @@ import torch
 
 from streamssl.config import Config, resolve
 from streamssl.devices import native_bf16
-from streamssl.learner.methods import METHODS
-from streamssl.learner.model import make_trunk, stem_of
-from streamssl.tools.eval import (
+from streamssl.learner.evaluate import (
     FASHION_MNIST_DIR,
     LabeledImages,
     extract,
@@ -62,9 +60,11 @@ from streamssl.tools.eval import (
     linear_probe,
     load_fashion_mnist,
     load_splits,
-    load_trunk,
     topk_accuracy,
 )
+from streamssl.learner.methods import METHODS
+from streamssl.learner.model import make_trunk, stem_of
+from streamssl.service.checkpoint import load_trunk
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -140,7 +140,7 @@ def pack(workdir: Path, fashion_mnist: str, per_shard: int) -> str:
     """Pack the training images (PNG, no labels) into shards once; return the brace pattern of the shards."""
     from PIL import Image
 
-    from streamssl.tools.pack import pack_shards
+    from streamssl.stream.pack import pack_shards
 
     shard_dir = workdir / "shards"
     done = shard_dir / "packed.json"

@@ -3,7 +3,7 @@
 Not the benchmark's protocol (that scores the trunk's pooled output only): a look at where in a frozen trunk
 the kNN accuracy is made. For a streamssl checkpoint (``ckpt-*.pt``) or a ``benchmarks/lightly_baseline.py``
 snapshot (``snap-*.pt``), it prints top-1 for layer2, layer3, layer4 and layer3 and layer4 side by side (each
-L2-normalised), with the kNN of ``streamssl.tools.eval`` (k=20, T=0.07) on Fashion-MNIST, at the run's global view
+L2-normalised), with the kNN of ``streamssl.learner.evaluate`` (k=20, T=0.07) on Fashion-MNIST, at the run's global view
 size and normalisation (read from the checkpoint, as ``benchmarks/quality.py`` does). Example::
 
     python benchmarks/stage_knn.py runs/quality/streamssl/ckpt-000000000481.pt --limit-train 30000
@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from streamssl.tools.eval import (
+from streamssl.learner.evaluate import (
     FASHION_MNIST_DIR,
     LabeledImages,
     extract,
     knn_classify,
     load_splits,
-    load_trunk,
     topk_accuracy,
 )
+from streamssl.service.checkpoint import load_trunk
 
 STAGES = ("layer2", "layer3", "layer4")
 

@@ -4,7 +4,7 @@ The bytes go to a hidden temporary file beside the final one (``.<name>.<random>
 ``.tmp`` suffix are what a followed folder and the checkpoint scan skip), are flushed and fsynced, and the
 temporary file is renamed over the final name (``os.replace``, atomic on POSIX within one file system). A
 reader sees the old file or the new one, never a partial one; a crash leaves at most a temporary file, and a
-failed write removes its own. Shards (tools/pack.py), checkpoints (service/checkpoint.py) and the local
+failed write removes its own. Shards (stream/pack.py), checkpoints (service/checkpoint.py) and the local
 prototype store (store/local.py) all write through it.
 """
 

@@ -232,7 +232,7 @@ def shards_pack(src_dir: Annotated[Path, typer.Argument(help="Folder of images (
                 ) -> None:
     """Pack a folder of images into WebDataset shards, each written atomically."""
     _logging()
-    from streamssl.tools.pack import pack_shards
+    from streamssl.stream.pack import pack_shards
 
     written = pack_shards(src_dir, out_pattern, per_shard=per_shard, labels=labels, max_side=max_side)
     for path in written:
@@ -270,7 +270,8 @@ def eval_(task: Annotated[str, typer.Argument(help="knn (weighted k-NN, k=20, T=
           limit_train: Annotated[int, typer.Option(min=0, help="Use at most this many training images.")] = 0,
           limit_test: Annotated[int, typer.Option(min=0, help="Use at most this many test images.")] = 0) -> None:
     """Accuracy of a frozen trunk on a labeled dataset: top-1, top-5 and image counts as JSON."""
-    from streamssl.tools import eval as evaluation
+    from streamssl.learner import evaluate as evaluation
+    from streamssl.service.checkpoint import load_trunk
 
     if task not in ("knn", "linear"):
         raise UsageError(f"TASK {task!r}: knn or linear")
@@ -278,7 +279,7 @@ def eval_(task: Annotated[str, typer.Argument(help="knn (weighted k-NN, k=20, T=
         trunk, size = None, image_size or 28
         mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     else:
-        trunk, config = evaluation.load_trunk(checkpoint)
+        trunk, config = load_trunk(checkpoint)
         augment = config["augment"]
         size = image_size or int(augment["sizes"][0])
         mean, std = augment["mean"], augment["std"]

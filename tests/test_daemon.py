@@ -28,8 +28,8 @@ from prometheus_client import CollectorRegistry
 from streamssl.config import resolve
 from streamssl.service.checkpoint import CheckpointManager
 from streamssl.service.daemon import Daemon
+from streamssl.stream.pack import pack_shards
 from streamssl.stream.redis_source import publish_urls
-from streamssl.tools.pack import pack_shards
 
 TINY = [
     "model.arch=resnet18", "model.hidden_dim=32", "model.out_dim=16", "model.n_prototypes=16",

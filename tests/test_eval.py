@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from streamssl.tools.eval import (
+from streamssl.learner.evaluate import (
     FASHION_MNIST_DIR,
     evaluate,
     knn_classify,
@@ -22,7 +22,7 @@ from streamssl.tools.eval import (
     load_splits,
     topk_accuracy,
 )
-from streamssl.tools.pack import pack_shards
+from streamssl.stream.pack import pack_shards
 from tests.synthetic import clustered_images
 
 
@@ -103,7 +103,7 @@ def test_raw_pixel_knn_on_clustered_images(tmp_path: Path) -> None:
 
 
 def test_image_bytes_decode_like_arrays() -> None:
-    from streamssl.tools.eval import to_tensor
+    from streamssl.learner.evaluate import to_tensor
 
     array = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
     buf = io.BytesIO()

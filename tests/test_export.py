@@ -14,8 +14,7 @@ from torch import nn
 from streamssl.config import resolve
 from streamssl.errors import UsageError
 from streamssl.learner.engine import Learner
-from streamssl.service.checkpoint import CheckpointManager, rng_state
-from streamssl.tools.eval import load_trunk
+from streamssl.service.checkpoint import CheckpointManager, load_trunk, rng_state
 from streamssl.tools.export import export, torchvision_model
 from tests.synthetic import view_stream
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import streamssl.tools.pack as pack_module
+import streamssl.stream.pack as pack_module
 from streamssl.errors import RuntimeFailure, UsageError
+from streamssl.stream.pack import pack_shards
 from streamssl.stream.shards import read_shard
-from streamssl.tools.pack import pack_shards
 
 
 def save(path: Path, colour: tuple[int, int, int], fmt: str = "JPEG", mode: str = "RGB") -> bytes:

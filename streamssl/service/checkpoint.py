@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from streamssl.atomic import write_atomic
 from streamssl.errors import RuntimeFailure, UsageError
@@ -177,3 +178,25 @@ def _sequence(path: Path) -> int:
     return int(_NAME.match(path.name).group(1))  # type: ignore[union-attr]
 
 
+def load_trunk(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The trunk of a streamssl checkpoint (weights only, no code run) and the run's configuration dict."""
+    from streamssl.config import SECTIONS, LearnerConfig, ModelConfig
+    from streamssl.learner.methods import make_method
+
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    try:
+        config = state["config"]
+
+        def section(cls: type, name: str) -> Any:
+            fields = cls.__dataclass_fields__
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config[name].items() if k in fields})
+
+        # the method the checkpoint was trained with (SwAV before there were others), built as it was
+        learner = section(LearnerConfig, "learner")
+        settings = section(SECTIONS[learner.method], learner.method) if learner.method in config else None
+        model = make_method(section(ModelConfig, "model"), learner, device=torch.device("cpu"), settings=settings)
+        model.load_state_dict(state["learner"]["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{checkpoint}: its model cannot be rebuilt ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return model.trunk.to(device).eval(), config

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from streamssl.config import ProbeConfig
-from streamssl.tools.eval import knn_classify, load_splits, to_tensor, topk_accuracy
+from streamssl.learner.evaluate import knn_classify, load_splits, to_tensor, topk_accuracy
 
 log = logging.getLogger("streamssl.service.probe")
 

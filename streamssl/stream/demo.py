@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from streamssl.tools.pack import pack_shards
+from streamssl.stream.pack import pack_shards
 
 log = logging.getLogger("streamssl.stream.demo")
 

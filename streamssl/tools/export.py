@@ -24,7 +24,7 @@ from torch import nn
 
 from streamssl.errors import UsageError
 from streamssl.learner.model import TRUNK_DIMS, make_trunk, stem_of
-from streamssl.tools.eval import load_trunk
+from streamssl.service.checkpoint import load_trunk
 
 FORMATS = ("torchvision", "torchscript", "onnx")
 

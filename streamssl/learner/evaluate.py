@@ -233,34 +233,6 @@ def linear_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
         return layer(x_test)
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def load_trunk(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The trunk of a streamssl checkpoint (weights only, no code run) and the run's configuration dict."""
-    from streamssl.config import SECTIONS, LearnerConfig, ModelConfig
-    from streamssl.learner.methods import make_method
-    from streamssl.service.checkpoint import CheckpointError, load_checkpoint
-
-    state = load_checkpoint(checkpoint, map_location="cpu")
-    try:
-        config = state["config"]
-
-        def section(cls: type, name: str) -> Any:
-            fields = cls.__dataclass_fields__
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config[name].items() if k in fields})
-
-        # the method the checkpoint was trained with (SwAV before there were others), built as it was
-        learner = section(LearnerConfig, "learner")
-        settings = section(SECTIONS[learner.method], learner.method) if learner.method in config else None
-        model = make_method(section(ModelConfig, "model"), learner, device=torch.device("cpu"), settings=settings)
-        model.load_state_dict(state["learner"]["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{checkpoint}: its model cannot be rebuilt ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    return model.trunk.to(device).eval(), config
-
-
 def evaluate(task: str, trunk: nn.Module | None, train: LabeledImages, test: LabeledImages, *, size: int,
              mean: Sequence[float], std: Sequence[float], k: int = 20, temperature: float = 0.07,
              device: str | torch.device = "cpu") -> dict[str, Any]:
