@@ -19,9 +19,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import math
 import struct
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +36,15 @@ from PIL import Image
 from torch import Tensor, nn
 
 from streamssl.errors import UsageError
+from streamssl.stream.images import IMAGE_EXTS
+
+log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 class DatasetError(UsageError, ValueError):
     """A dataset spec names nothing usable (a missing folder, no labels, a wrong file)."""
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 @dataclass
@@ -91,12 +95,19 @@ def load_image_folder(folder: str | Path) -> LabeledImages:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
         raise DatasetError(f"{folder}: no class sub-folders")
-    images, labels = [], []
+    images, labels, other = [], [], Counter()
     for label, name in enumerate(classes):
         for path in sorted((folder / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
+            if not path.is_file():
+                continue
+            if path.suffix.lower().lstrip(".") in IMAGE_EXTS:  # the stream's own list: what it would train on
                 images.append(path.read_bytes())
                 labels.append(label)
+            else:
+                other[path.suffix.lower() or "(none)"] += 1
+    if other:
+        log.warning("%s: %d file(s) skipped, not %s images: %s", folder, sum(other.values()), "/".join(IMAGE_EXTS),
+                    ", ".join(f"{n} {ext}" for ext, n in other.most_common()))
     return LabeledImages(images, np.asarray(labels, dtype=np.int64), len(classes))
 
 
