@@ -1,11 +1,11 @@
-"""The long-running service: shards in, SwAV steps out, state kept safe, health visible.
+"""The long-running service: shards in, training steps out, state kept safe, health visible.
 
-Wires the stages of DESIGN.md:
+Wires the stages of docs/architecture.md:
 
     source -> samples -> augment      (feeder.py's thread: full batches of views, each tagged with the stream
                                        position after it, prefetched so the learner never waits when the
                                        data path is faster than the model)
-    learner                           (the main thread: one SwAV step per batch)
+    learner                           (the main thread: one step of the method per batch)
     store, checkpoint, metrics        (cadences owned here: prototypes every N steps, checkpoints every N
                                        steps or T seconds, heartbeats, one progress line per interval:
                                        progress.py; whether a checkpoint fits this run: resume.py)

@@ -1,7 +1,8 @@
 """Prometheus metrics of a run, and the health rule; metrics_server.py serves them (/metrics, /healthz).
 
-A leaf of the flow (DESIGN.md): the daemon creates one ``CollectorRegistry``, builds ``Metrics`` on it and feeds
-it plain numbers through the methods below; this module imports nothing of the learner, the daemon or the store.
+A leaf of the flow (docs/architecture.md): the daemon creates one ``CollectorRegistry``, builds ``Metrics`` on
+it and feeds it plain numbers through the methods below; this module imports nothing of the learner, the daemon
+or the store.
 Names follow ``streamssl_<subsystem>_<name>_<unit>``; counters end in ``_total``; times are seconds; labels take
 bounded values only (never keys or URLs). The names are an interface: the Grafana dashboard and the alert rules
 in ``ops/`` use them, and ``tests/test_ops.py`` checks that every name used there exists here.

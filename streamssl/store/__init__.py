@@ -1,7 +1,8 @@
-"""Prototype store: the shared, small, hot state of a run (DESIGN.md, "Prototype store").
+"""Prototype store: the shared, small, hot state of a run (docs/architecture.md, "The prototype store").
 
-A leaf of the flow. The daemon publishes the SwAV prototypes (K x D float32) here every ``store.every_steps``
-steps, through a ``BackgroundWriter`` so that a slow or absent store never stalls training; a restarted or
+A leaf of the flow. The daemon publishes a method's prototypes or centroids (K x D float32: SwAV,
+DeepCluster-v2) here every ``store.every_steps`` steps, through a ``BackgroundWriter`` so that a slow or
+absent store never stalls training; a restarted or
 second learner, ``streamssl status`` and any assignment service read them back. Learners also leave
 heartbeats (a key with a TTL) and the last checkpoint they wrote.
 
