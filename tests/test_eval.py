@@ -15,10 +15,12 @@ from PIL import Image
 
 from streamssl.learner.evaluate import (
     FASHION_MNIST_DIR,
+    WEIGHT_DECAYS,
     evaluate,
     knn_classify,
     linear_probe,
     load_fashion_mnist,
+    load_image_folder,
     load_splits,
     topk_accuracy,
 )
@@ -48,8 +50,30 @@ def test_linear_probe_separates_separable_features() -> None:
     centres = torch.randn(4, 16, generator=g) * 3
     labels = torch.randint(4, (400,), generator=g)
     feats = centres[labels] + torch.randn(400, 16, generator=g)
-    scores = linear_probe(feats[:300], labels[:300], feats[300:], 4)
+    chosen: dict[str, float] = {}
+    scores = linear_probe(feats[:300], labels[:300], feats[300:], 4, chosen=chosen)
     assert topk_accuracy(scores, labels[300:])["top1"] > 0.95
+    assert chosen["weight_decay"] in WEIGHT_DECAYS and chosen["holdout_top1"] > 0.9
+    alone: dict[str, float] = {}
+    linear_probe(feats[:300], labels[:300], feats[300:], 4, weight_decays=(1e-4,), chosen=alone)
+    assert alone == {}  # one weight decay: nothing to choose
+
+
+def test_linear_probe_regularisation_is_chosen_on_held_out_images() -> None:
+    # Unbalanced classes (70/30) a line separates: a huge penalty leaves only the (free) bias, which says
+    # "majority class" (~70%); a small one separates (~100%). The held-out tenth must tell them apart,
+    # whatever the order of the grid.
+    g = torch.Generator().manual_seed(1)
+    labels = (torch.rand(600, generator=g) < 0.3).long()
+    feats = torch.randn(600, 8, generator=g)
+    feats[:, 0] += 3.0 * (2 * labels - 1)
+    for grid in ((1e-4, 1e3), (1e3, 1e-4)):
+        chosen: dict[str, float] = {}
+        scores = linear_probe(feats[:500], labels[:500], feats[500:], 2, weight_decays=grid, chosen=chosen)
+        assert chosen["weight_decay"] == 1e-4
+        assert topk_accuracy(scores, labels[500:])["top1"] > 0.95
+    crushed = linear_probe(feats[:500], labels[:500], feats[500:], 2, weight_decays=(1e3,))
+    assert topk_accuracy(crushed, labels[500:])["top1"] < 0.85  # what a wrong choice would have scored
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -92,6 +116,17 @@ def test_folder_and_shards_give_the_same_data(tmp_path: Path) -> None:
     for a, b in zip(from_folder, from_shards, strict=True):
         assert len(a) == len(b) and sorted(a.labels.tolist()) == sorted(b.labels.tolist())
     assert len(from_folder[0]) == 32 and len(from_folder[1]) == 8  # 80/20 hold-out
+
+
+def test_image_folder_takes_the_stream_extensions_and_says_what_it_skipped(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    clustered_folder(tmp_path / "src", n=12)
+    (tmp_path / "src" / "class0" / "notes.txt").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "src" / "class0" / "old.bmp")  # the stream does not take BMP
+    with caplog.at_level("WARNING"):
+        data = load_image_folder(tmp_path / "src")
+    assert len(data) == 12
+    assert "2 file(s) skipped" in caplog.text and "1 .txt" in caplog.text and "1 .bmp" in caplog.text
 
 
 def test_raw_pixel_knn_on_clustered_images(tmp_path: Path) -> None:
