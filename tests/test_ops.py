@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from streamssl.config import MetricsConfig
 from streamssl.learner.engine import ENGINE_PARTS
-from streamssl.learner.methods.swav import SwAV
+from streamssl.learner.methods import METHODS
 from streamssl.service.metrics import Metrics
 
 yaml = pytest.importorskip("yaml")
@@ -35,11 +35,13 @@ METRIC_NAME = re.compile(r"\bstreamssl_[a-z0-9_]*[a-z0-9]")
 def exposition() -> str:
     """The text exposition of a Metrics instance with every method called once (histograms filled)."""
     registry = CollectorRegistry()
-    m = Metrics(registry, arch="resnet18", diagnostics=[(d.name, d.metric, d.help) for d in SwAV.diagnostics],
-                parts=(*SwAV.parts, *ENGINE_PARTS))
+    # every method's diagnostics and parts at once: the dashboard has panels for all of them
+    diagnostics = {d.name: d for cls in METHODS.values() for d in cls.diagnostics}
+    parts = tuple(dict.fromkeys(p for cls in METHODS.values() for p in cls.parts)) + ENGINE_PARTS
+    m = Metrics(registry, arch="resnet18", diagnostics=[(d.name, d.metric, d.help) for d in diagnostics.values()],
+                parts=parts)
     m.observe_step(n_images=64, loss=7.5, lr=0.002, step_s=0.4, data_wait_s=0.05, skipped=False,
-                   diagnostics={"code_entropy": 3.9, "prototypes_in_use": 57, "queue_fill": 0.25},
-                   parts=dict.fromkeys((*SwAV.parts, *ENGINE_PARTS), 0.002))
+                   diagnostics=dict.fromkeys(diagnostics, 0.25), parts=dict.fromkeys(parts, 0.002))
     m.set_data_wait_share(0.1)
     m.bad_sample("corrupt")
     m.shard_done()

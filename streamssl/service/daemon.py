@@ -103,7 +103,8 @@ class Daemon:
         self.learner = Learner.build(cfg.model, cfg.learner, device=self.device, settings=method_settings(cfg))
         method = self.learner.method
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = Metrics(self.registry, arch=cfg.model.arch, parts=method.parts + ENGINE_PARTS,
+        self.metrics = Metrics(self.registry, arch=cfg.model.arch, method=cfg.learner.method,
+                               parts=method.parts + ENGINE_PARTS,
                                diagnostics=[(d.name, d.metric, d.help) for d in method.diagnostics])
         self.learner_id = f"{socket.gethostname()}-{os.getpid()}"
         self.store = open_store(cfg.store, local_dir=os.path.join(cfg.checkpoint.dir, "store"),

@@ -53,7 +53,7 @@ streamssl_probe_accuracy_ratio (gauge)                  online probe accuracy, 0
 streamssl_probe_duration_seconds (gauge)                time the last online probe took (training paused)
 streamssl_daemon_start_timestamp_seconds (gauge)        unix time the metrics were created (run start);
                                                         alerts use it to spare a warming-up run
-streamssl_build_info (info; version, arch)              always 1; streamssl version, model trunk arch
+streamssl_build_info (info; version, arch, method)      always 1; streamssl version, trunk arch, method
 
 Histograms also expose ``_bucket``, ``_sum`` and ``_count``; counters and histograms ``_created``.
 
@@ -105,12 +105,13 @@ class Metrics:
     Args:
         registry: the registry to register on (one per daemon; a fresh one per test).
         arch: model trunk architecture for the build-info metric (``cfg.model.arch``).
+        method: the method trained (``cfg.learner.method``), also in the build-info metric.
         diagnostics: the method's diagnostics as (key, gauge name, help): one gauge each, fixed for the run.
         parts: the names of a step's timed parts (the ``part`` label's values).
         clock: monotonic clock for the health rule (injectable for tests).
     """
 
-    def __init__(self, registry: CollectorRegistry, *, arch: str = "unknown",
+    def __init__(self, registry: CollectorRegistry, *, arch: str = "unknown", method: str = "swav",
                  diagnostics: Sequence[tuple[str, str, str]] = (), parts: Sequence[str] = (),
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
@@ -181,8 +182,8 @@ class Metrics:
         self.start_time = Gauge("streamssl_daemon_start_timestamp_seconds", "Unix time this run's metrics were "
                                 "created.", registry=r)
         self.start_time.set(time.time())
-        self.build = Info("streamssl_build", "streamssl version and model trunk architecture.", registry=r)
-        self.build.info({"version": __version__, "arch": arch})
+        self.build = Info("streamssl_build", "streamssl version, model trunk architecture and method.", registry=r)
+        self.build.info({"version": __version__, "arch": arch, "method": method})
 
     # -- called by the daemon ------------------------------------------------------------------------------
 
