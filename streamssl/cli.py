@@ -103,10 +103,27 @@ def config_show(profile: Annotated[str, typer.Argument(help="Profile name or TOM
     typer.echo(json.dumps(cfg.to_dict(), indent=2) if as_json else cfg.to_toml())
 
 
+def method_summary(cfg: Any) -> str:
+    """The run's method and the one number that sizes it, for the start-up line."""
+    method = cfg.learner.method
+    if method == "swav":
+        return f"SwAV, K={cfg.model.n_prototypes}" + (f", queue {cfg.learner.queue_length}"
+                                                      if cfg.learner.queue_length else "")
+    if method == "deepcluster":
+        return f"DeepCluster-v2, {cfg.model.n_prototypes} centroids on a memory of {cfg.deepcluster.memory_length}"
+    if method == "simclr":
+        return f"SimCLR, T={cfg.simclr.temperature:g}"
+    if method == "moco":
+        return f"MoCo v2, queue {cfg.moco.queue_length}, momentum {cfg.moco.momentum:g}"
+    if method == "byol":
+        return f"BYOL, momentum {cfg.byol.momentum:g} -> {cfg.byol.final_momentum:g}"
+    return f"NPID, memory {cfg.npid.memory_length}, {cfg.npid.negatives} negatives"
+
+
 @app.command()
 def run(profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = None) -> None:
-    """Run the daemon: shards -> multi-crop -> online SwAV, with checkpoints, the prototype store and metrics,
-    until run.max_steps / run.max_images / run.max_seconds or a signal.
+    """Run the daemon: shards -> multi-crop -> the method (learner.method, SwAV by default), with checkpoints,
+    the prototype store and metrics, until run.max_steps / run.max_images / run.max_seconds or a signal.
 
     With no source.urls it streams the embedded demo images. Ctrl-C (SIGINT) or SIGTERM finishes the current
     step, writes a checkpoint and the prototypes, acks the consumed shards and exits 0; a second signal exits
@@ -119,7 +136,7 @@ def run(profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = None) -> None
     limits = [f"{n} {what}" for n, what in ((cfg.run.max_steps, "steps"), (cfg.run.max_images, "images"),
                                             (cfg.run.max_seconds, "seconds")) if n]
     typer.echo(f"streamssl {__version__}: {cfg.model.arch}, batch {cfg.learner.batch_size}, views "
-               f"{list(cfg.augment.n_views)}x{list(cfg.augment.sizes)} px, K={cfg.model.n_prototypes}; "
+               f"{list(cfg.augment.n_views)}x{list(cfg.augment.sizes)} px, {method_summary(cfg)}; "
                f"{'stops after ' + ' or '.join(limits) if limits else 'runs until stopped'}")
     typer.echo(f"watch: the progress lines below, `{status_command(profile, cfg)}`, "
                f"`streamssl report {shlex.quote(cfg.checkpoint.dir)}` for PNG plots, and /metrics (address "

@@ -137,3 +137,17 @@ def test_eval_and_export_commands(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "t.pth").is_file() and json.loads(result.stdout)["arch"] == "resnet18"
     assert runner.invoke(app, ["eval", "cluster", "--checkpoint", "x", "--dataset", "y"]).exit_code == 2
+
+
+@pytest.mark.parametrize(("method", "says", "not_said"), [
+    ("swav", "SwAV, K=", None), ("deepcluster", "centroids", None), ("simclr", "SimCLR, T=0.2", "K="),
+    ("moco", "MoCo v2, queue 4096", "K="), ("byol", "BYOL, momentum 0.99 -> 0.999", "K="),
+    ("npid", "NPID, memory 16384", "K="),
+])
+def test_the_start_line_sizes_the_method_it_runs(method: str, says: str, not_said: str | None) -> None:
+    from streamssl.cli import method_summary
+    from streamssl.config import resolve
+
+    line = method_summary(resolve(None, overrides=[f"learner.method={method}"]))
+    assert says in line
+    assert not_said is None or not_said not in line
