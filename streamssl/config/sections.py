@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,11 +12,6 @@ from streamssl.config.fields import ConfigError
 from streamssl.config.fields import setting as _f
 from streamssl.config.method_sections import BYOLConfig, DeepClusterConfig, MoCoConfig, NPIDConfig, SimCLRConfig
 from streamssl.urls import SourceError, check_redis_url, check_url, is_redis_url
-
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover - exercised only on 3.10
-    pass
 
 ENV_PREFIX = "STREAMSSL_"
 DEBUG_ENV = "STREAMSSL_DEBUG"  # the CLI's --debug, not a configuration key
