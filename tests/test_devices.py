@@ -114,15 +114,16 @@ def test_the_feeder_thread_binds_the_run_device_then_releases_the_multicrop(monk
 def test_the_daemon_gives_dali_and_the_feeder_the_device_with_its_index(tmp_path, monkeypatch: pytest.MonkeyPatch
                                                                         ) -> None:
     import streamssl.service.daemon as daemon_module
+    import streamssl.service.feeder as feeder_module  # where the daemon's data path is built
     from tests.test_daemon import config, make_shards
 
     shards = make_shards(tmp_path, 1)
     daemon = daemon_module.Daemon(config(tmp_path, f"source.urls=[{shards[0]!r}]".replace("'", '"')))
     daemon.device = torch.device("cuda", 1)  # as pick_device("cuda:1") gives it; no GPU needed to check
     seen: dict[str, object] = {}
-    monkeypatch.setattr(daemon_module, "make_multicrop",
+    monkeypatch.setattr(feeder_module, "make_multicrop",
                         lambda cfg, batch, device, on_bad: seen.setdefault("multicrop", device) and _MultiCrop())
-    monkeypatch.setattr(daemon_module, "Feeder", lambda *args, device: seen.setdefault("feeder", device)
+    monkeypatch.setattr(feeder_module, "Feeder", lambda *args, device: seen.setdefault("feeder", device)
                         and type("F", (), {"start": lambda self: None})())
     daemon._data()
     assert daemon.stream is not None

@@ -184,10 +184,10 @@ def test_collapse_rollback_then_checkpoint_then_restart_resumes_after_the_rollba
 
 
 def test_a_feeder_error_shuts_down_cleanly_then_reports(tmp_path: Path, monkeypatch) -> None:
-    import streamssl.service.daemon as daemon_module
+    import streamssl.service.feeder as feeder_module  # where the daemon's data path is built
 
     shards = make_shards(tmp_path / "data", 4)
-    real = daemon_module.make_multicrop
+    real = feeder_module.make_multicrop
     calls = {"n": 0}
 
     def breaking(*a, **kw):
@@ -201,7 +201,7 @@ def test_a_feeder_error_shuts_down_cleanly_then_reports(tmp_path: Path, monkeypa
 
         return call
 
-    monkeypatch.setattr(daemon_module, "make_multicrop", breaking)
+    monkeypatch.setattr(feeder_module, "make_multicrop", breaking)
     cfg = config(tmp_path, "run.max_steps=50", "metrics.port=0", "augment.backend=torchvision",
                  f"source.urls=['{Path(shards[0]).parent}/s-*.tar']")
     daemon = Daemon(cfg, registry=CollectorRegistry(), echo=lambda line: None)

@@ -35,13 +35,11 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import Tensor
 
-from streamssl.augment import make_multicrop
 from streamssl.config import Config
 from streamssl.devices import pick_device, use_device
 from streamssl.errors import RuntimeFailure, StreamsslError
 from streamssl.learner.engine import ENGINE_PARTS, Learner, StepStats
 from streamssl.learner.methods import method_settings
-from streamssl.redis_client import TLSFiles
 from streamssl.service.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -49,7 +47,7 @@ from streamssl.service.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from streamssl.service.feeder import END, Batch, Feeder
+from streamssl.service.feeder import END, Batch, Feeder, make_data_path
 from streamssl.service.metrics import Metrics
 from streamssl.service.metrics_server import MetricsServer
 from streamssl.service.probe import LiveProbe
@@ -58,7 +56,6 @@ from streamssl.service.recovery import CollapseRecovery, NonFiniteStreak
 from streamssl.service.resume import check_fits, does_not_fit
 from streamssl.store import BackgroundWriter, open_store
 from streamssl.stream.samples import SampleStream
-from streamssl.stream.source import make_source
 
 log = logging.getLogger("streamssl.service.daemon")
 
@@ -147,24 +144,9 @@ class Daemon:
     def _data(self) -> Iterator[Batch]:
         if self._views is not None:
             return (Batch(v) for v in self._views)
-        cfg = self.cfg
-        source_cfg = cfg.source
-        if not source_cfg.urls:
-            from streamssl.stream.demo import demo_max_side, demo_shards
-
-            side = demo_max_side(cfg.augment.sizes)
-            pattern = demo_shards(os.path.join(cfg.checkpoint.dir, f"demo-shards-{side}px"), max_side=side)
-            source_cfg = type(source_cfg)(**{**source_cfg.__dict__, "urls": (pattern,), "cycle": True})
-            self.echo(f"no source.urls: streaming the embedded demo images ({pattern}), cycled")
-        self.stream = SampleStream(make_source(source_cfg, tls=TLSFiles.of(cfg.store)), source_cfg,
-                                   on_bad=self._on_bad, defer_ack=True, ack=self._ack)
-        if self.position is not None:
-            self.stream.load_state_dict(self.position)
-        multicrop = make_multicrop(cfg.augment, cfg.learner.batch_size, device=str(self.device),
-                                   on_bad=self._on_bad)
-        self.feeder = Feeder(self.stream, multicrop, cfg.learner.batch_size, cfg.augment.prefetch,
-                             device=self.device)
-        self.feeder.start()
+        self.stream, self.feeder = make_data_path(self.cfg, self.device, position=self.position,
+                                                  on_bad=self._on_bad, ack=self._ack, echo=self.echo)
+        self.feeder.start()  # after self.stream is set: the feeder's first samples may ack a shard
         return self._drain(self.feeder)
 
     def _ack(self, url: str) -> None:

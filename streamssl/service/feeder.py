@@ -5,6 +5,7 @@ was trained on)."""
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -14,8 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from streamssl.augment import make_multicrop
+from streamssl.config import Config
 from streamssl.devices import use_device
+from streamssl.redis_client import TLSFiles
 from streamssl.stream.samples import SampleStream
+from streamssl.stream.source import make_source
 
 log = logging.getLogger("streamssl.service.daemon")
 
@@ -108,4 +113,27 @@ class Feeder(threading.Thread):
             self._put(END)
 
 
-__all__ = ["END", "Batch", "Feeder"]
+def make_data_path(cfg: Config, device: torch.device, *, position: dict[str, Any] | None,
+                    on_bad: Callable[[str], None], ack: Callable[[str], None],
+                    echo: Callable[[str], None]) -> tuple[SampleStream, Feeder]:
+    """The run's data path, not yet started: its source (the embedded demo images when ``source.urls`` is empty),
+    the sample stream from ``position`` (acknowledging shards through ``ack`` once a checkpoint covers
+    them), the multi-crop on ``device`` and the feeder thread that batches its views. The caller starts the
+    feeder once it holds the stream: ``ack`` may be called from the feeder's first samples on."""
+    source_cfg = cfg.source
+    if not source_cfg.urls:
+        from streamssl.stream.demo import demo_max_side, demo_shards
+
+        side = demo_max_side(cfg.augment.sizes)
+        pattern = demo_shards(os.path.join(cfg.checkpoint.dir, f"demo-shards-{side}px"), max_side=side)
+        source_cfg = type(source_cfg)(**{**source_cfg.__dict__, "urls": (pattern,), "cycle": True})
+        echo(f"no source.urls: streaming the embedded demo images ({pattern}), cycled")
+    stream = SampleStream(make_source(source_cfg, tls=TLSFiles.of(cfg.store)), source_cfg, on_bad=on_bad,
+                          defer_ack=True, ack=ack)
+    if position is not None:
+        stream.load_state_dict(position)
+    multicrop = make_multicrop(cfg.augment, cfg.learner.batch_size, device=str(device), on_bad=on_bad)
+    return stream, Feeder(stream, multicrop, cfg.learner.batch_size, cfg.augment.prefetch, device=device)
+
+
+__all__ = ["END", "Batch", "Feeder", "make_data_path"]
