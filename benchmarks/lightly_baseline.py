@@ -116,11 +116,16 @@ class LightlyMoCo(nn.Module):
 
     def __init__(self, trunk: nn.Module, feature_dim: int, hidden_dim: int, out_dim: int) -> None:
         from lightly.models.modules import MoCoProjectionHead
-        from lightly.models.utils import deactivate_requires_grad
 
         super().__init__()
         self.backbone = trunk
         self.projection_head = MoCoProjectionHead(feature_dim, hidden_dim, out_dim)
+        self._momentum_copies()
+
+    def _momentum_copies(self) -> None:
+        """The momentum (key / target) copies of the trunk and the projection head, without gradients."""
+        from lightly.models.utils import deactivate_requires_grad
+
         self.backbone_momentum = copy.deepcopy(self.backbone)
         self.projection_head_momentum = copy.deepcopy(self.projection_head)
         deactivate_requires_grad(self.backbone_momentum)
@@ -145,16 +150,12 @@ class LightlyBYOL(LightlyMoCo):
     def __init__(self, trunk: nn.Module, feature_dim: int, hidden_dim: int, out_dim: int,
                  predictor_dim: int) -> None:
         from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-        from lightly.models.utils import deactivate_requires_grad
 
         nn.Module.__init__(self)
         self.backbone = trunk
         self.projection_head = BYOLProjectionHead(feature_dim, hidden_dim, out_dim)
         self.prediction_head = BYOLPredictionHead(out_dim, predictor_dim, out_dim)
-        self.backbone_momentum = copy.deepcopy(self.backbone)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.backbone_momentum)
-        deactivate_requires_grad(self.projection_head_momentum)
+        self._momentum_copies()
 
     def forward(self, x: Tensor, step: int) -> Tensor:
         return self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1)))

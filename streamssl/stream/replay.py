@@ -94,7 +94,7 @@ class ReplayBuffer:
             if j >= self.max_samples:
                 self.stats.refused += 1
                 return
-            self._remove(j % len(self.samples))
+            self._remove(j)  # Vitter's R: the arrival replaces slot j
             self.stats.evicted += 1
         while self.samples and (len(self.samples) >= self.max_samples or self.nbytes + size > self.max_bytes):
             self._remove(self._victim())
