@@ -123,8 +123,8 @@ def test_the_daemon_gives_dali_and_the_feeder_the_device_with_its_index(tmp_path
     seen: dict[str, object] = {}
     monkeypatch.setattr(feeder_module, "make_multicrop",
                         lambda cfg, batch, device, on_bad: seen.setdefault("multicrop", device) and _MultiCrop())
-    monkeypatch.setattr(feeder_module, "Feeder", lambda *args, device: seen.setdefault("feeder", device)
-                        and type("F", (), {"start": lambda self: None})())
+    monkeypatch.setattr(feeder_module, "Feeder", lambda *args, device, replay: seen.setdefault("feeder", device)
+                        and type("F", (), {"start": lambda self: None, "replay": replay})())
     daemon._data()
     assert daemon.stream is not None
     daemon.stream.close()

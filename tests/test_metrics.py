@@ -198,6 +198,9 @@ def test_build_info_and_start_time(registry: CollectorRegistry) -> None:
 
 # Each method the daemon calls, and the samples it must move. Together they must cover every metric family
 # (checked below), so a new metric without a method (or without a line here) fails.
+REPLAY_SNAPSHOT = {"samples": 10, "bytes": 100, "fill": 0.5, "added": 500, "refused": 3, "evicted": 490,
+                   "drawn": 400, "ratio": 0.8, "redundancy": 0.6}
+REPLAY_GREW = {"added": 520, "refused": 4, "evicted": 505, "drawn": 440}
 CALLS: list[tuple[str, Callable[[Metrics], Any], list[tuple[str, dict[str, str]]]]] = [
     ("observe_step", lambda m: m.observe_step(**{**STEP, "skipped": True}), [
         ("streamssl_learner_images_total", {}), ("streamssl_learner_steps_total", {}),
@@ -224,6 +227,10 @@ CALLS: list[tuple[str, Callable[[Metrics], Any], list[tuple[str, dict[str, str]]
     ("set_source_idle", lambda m: m.set_source_idle(12.5), [("streamssl_source_idle_seconds", {})]),
     ("collapse", lambda m: m.collapse(True), [("streamssl_learner_collapsed", {})]),
     ("collapse_recovered", lambda m: m.collapse_recovered(), [("streamssl_learner_collapse_recoveries_total", {})]),
+    ("replay", lambda m: (m.replay(REPLAY_SNAPSHOT), m.replay({**REPLAY_SNAPSHOT, **REPLAY_GREW})), [
+        (f"streamssl_replay_{name}", {}) for name in (
+            "samples", "bytes", "fill_ratio", "redundancy", "draws_per_arrival", "arrivals_total",
+            "evictions_total", "refused_total", "draws_total")]),
 ]
 SET_AT_START = {"streamssl_build", "streamssl_daemon_start_timestamp_seconds"}
 
@@ -409,3 +416,14 @@ def test_binds_the_configured_ipv6_loopback(registry: CollectorRegistry, metrics
     with MetricsServer(metrics, registry, host="::1", port=0, stall_s=1.0) as srv:
         assert srv.address[0] == "::1"
         assert get(f"http://[::1]:{srv.port}/metrics")[0] == 200
+
+
+def test_replay_counters_count_from_the_first_snapshot_on(registry: CollectorRegistry, metrics: Metrics) -> None:
+    metrics.replay({**REPLAY_SNAPSHOT, "redundancy": float("nan")})  # restored from a checkpoint: a baseline
+    assert value(registry, "streamssl_replay_evictions_total") == 0
+    assert value(registry, "streamssl_replay_samples") == 10 and value(registry, "streamssl_replay_redundancy") == 0
+    metrics.replay({**REPLAY_SNAPSHOT, **REPLAY_GREW})
+    assert value(registry, "streamssl_replay_arrivals_total") == 20
+    assert value(registry, "streamssl_replay_evictions_total") == 15
+    assert value(registry, "streamssl_replay_draws_total") == 40
+    assert value(registry, "streamssl_replay_redundancy") == 0.6

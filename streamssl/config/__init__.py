@@ -31,6 +31,7 @@ from streamssl.config.sections import (
     ModelConfig,
     NPIDConfig,
     ProbeConfig,
+    ReplayConfig,
     RunConfig,
     SimCLRConfig,
     SourceConfig,
@@ -40,6 +41,6 @@ from streamssl.config.sections import (
 __all__ = [
     "DEBUG_ENV", "DEFAULT_PROFILE", "ENV_PREFIX", "SECTIONS", "AugmentConfig", "BYOLConfig", "CheckpointConfig",
     "CollapseConfig", "Config", "ConfigError", "DeepClusterConfig", "LearnerConfig", "MetricsConfig", "MoCoConfig",
-    "ModelConfig", "NPIDConfig", "ProbeConfig", "RunConfig", "SimCLRConfig", "SourceConfig", "StoreConfig",
-    "describe", "env_layer", "find_profile", "overrides_layer", "resolve",
+    "ModelConfig", "NPIDConfig", "ProbeConfig", "ReplayConfig", "RunConfig", "SimCLRConfig", "SourceConfig",
+    "StoreConfig", "describe", "env_layer", "find_profile", "overrides_layer", "resolve",
 ]

@@ -55,6 +55,23 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class ReplayConfig:
+    """Replay buffer between the samples and the augment stage (stream/replay.py), for correlated streams."""
+
+    policy: str = _f("none", "none (train on the stream as it comes), fifo (the recent past), reservoir (a "
+                     "uniform sample of the whole stream) or minred (evict the most redundant sample: the "
+                     "most similar to its nearest neighbour; for streams whose content comes in long runs).",
+                     choices=("none", "fifo", "reservoir", "minred"))
+    max_samples: int = _f(10_000, "Samples the buffer holds at most.", ge=1)
+    max_bytes: int = _f(256 << 20, "Encoded bytes the buffer holds at most (checkpoints carry the buffer: this "
+                        "bounds what each one adds).", ge=1)
+    ratio: float = _f(1.0, "Replay ratio: samples trained on per arriving sample, on average (2: each image is "
+                      "seen about twice). Above 1 when the learner is faster than the stream.", gt=0)
+    min_fill: int = _f(1000, "Samples the buffer holds before training starts drawing from it.", ge=1)
+    seed: int = _f(0, "Seed of the buffer's draws and of reservoir sampling.", ge=0)
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     """SwAV multi-crop (augment/): decode and views, on DALI or its torchvision twin."""
 
@@ -286,6 +303,7 @@ class CollapseConfig:
 @dataclass(frozen=True)
 class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)

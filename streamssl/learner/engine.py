@@ -46,6 +46,7 @@ class StepStats:
     diagnostics: dict[str, float] = field(default_factory=dict)  # the method's, by Diagnostic.name
     times: dict[str, float] = field(default_factory=dict)  # the method's parts, then ENGINE_PARTS
     total_s: float = 0.0
+    embeddings: Tensor | None = None  # (B, D) of the first view, detached, on the device; None when skipped
 
     @property
     def trunk_s(self) -> float:
@@ -167,7 +168,8 @@ class Learner:
         read |= {k: v + 0.0 for k, v in zip(names, values[1:], strict=True)}  # + 0.0: no "-0.000" in progress
         return StepStats(step=self.step_count, n_images=batch, loss=values[0] if not skipped else math.nan, lr=lr,
                          skipped=skipped, diagnostics={k: read[k] for k in diagnostics}, times=timer.read(),
-                         total_s=time.perf_counter() - t_start)
+                         total_s=time.perf_counter() - t_start,
+                         embeddings=None if skipped else method.embeddings)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue learning: the method's network and state, optimizer and counters."""

@@ -55,6 +55,7 @@ from streamssl.service.progress import History, format_progress
 from streamssl.service.recovery import CollapseRecovery, NonFiniteStreak
 from streamssl.service.resume import check_fits, does_not_fit
 from streamssl.store import BackgroundWriter, open_store
+from streamssl.stream.replay import ReplayStream
 from streamssl.stream.samples import SampleStream
 
 log = logging.getLogger("streamssl.service.daemon")
@@ -114,6 +115,8 @@ class Daemon:
         self.feeder: Feeder | None = None
         self.images = 0
         self.position: dict[str, Any] | None = None
+        self.replay: ReplayStream | None = None  # the feeder's replay stage, when replay.policy is not none
+        self._replay_state: dict[str, Any] | None = None  # a checkpoint's buffer, until the data path takes it
         self.server: MetricsServer | None = None
         self._signals = 0
         self.error: BaseException | None = None  # set when the run stops on an error after a clean shutdown
@@ -145,7 +148,11 @@ class Daemon:
         if self._views is not None:
             return (Batch(v) for v in self._views)
         self.stream, self.feeder = make_data_path(self.cfg, self.device, position=self.position,
-                                                  on_bad=self._on_bad, ack=self._ack, echo=self.echo)
+                                                  on_bad=self._on_bad, ack=self._ack, echo=self.echo,
+                                                  replay_state=self._replay_state)
+        self.replay, self._replay_state = self.feeder.replay, None
+        if self.replay is not None:
+            self.metrics.replay(self.replay.snapshot())  # the counters' baseline: what a checkpoint brought
         self.feeder.start()  # after self.stream is set: the feeder's first samples may ack a shard
         return self._drain(self.feeder)
 
@@ -190,6 +197,7 @@ class Daemon:
             raise CheckpointError(does_not_fit(state["path"], str(exc))) from None
         set_rng_state(state["rng"])
         self.position = state.get("position") if same_source else None
+        self._replay_state = state.get("replay") if same_source else None  # what arrived before the position
         self.images = int(state.get("images", 0))
         self._last_ckpt_step = self.learner.step_count
         self._last_ckpt_path = state["path"]
@@ -204,6 +212,7 @@ class Daemon:
             path = self.checkpoints.save({
                 "learner": self.learner.state_dict(), "rng": rng_state(), "position": self.position,
                 "images": self.images, "config": self.cfg.to_dict(),
+                "replay": self.replay.state_dict() if self.replay is not None else self._replay_state,
             }, self.learner.step_count)
         except CheckpointWriteError as exc:
             self.metrics.checkpoint_failed()
@@ -348,6 +357,8 @@ class Daemon:
                                           ids=batch.ids)
                 if batch.position is not None:
                     self.position = batch.position
+                if self.replay is not None and stats.embeddings is not None and batch.ids:
+                    self.replay.update_embeddings(batch.ids, stats.embeddings)  # MinRed's; the others ignore them
                 self.images += stats.n_images
                 n_images_run += stats.n_images
                 window_images += stats.n_images
@@ -368,6 +379,8 @@ class Daemon:
                 if step % cfg.run.log_every_steps == 0:
                     elapsed = time.monotonic() - window_start
                     self.metrics.set_data_wait_share(window_wait / elapsed)
+                    if self.replay is not None:
+                        self.metrics.replay(self.replay.snapshot())
                     self.echo(format_progress(stats, window_images / elapsed, window_wait / elapsed,
                                               self.learner.method.diagnostics, self.learner.n_skipped,
                                               limits={"prototypes_in_use": f"/{cfg.model.n_prototypes}"}))

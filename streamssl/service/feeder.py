@@ -19,6 +19,7 @@ from streamssl.augment import make_multicrop
 from streamssl.config import Config
 from streamssl.devices import use_device
 from streamssl.redis_client import TLSFiles
+from streamssl.stream.replay import ReplayBuffer, ReplayStream
 from streamssl.stream.samples import SampleStream
 from streamssl.stream.source import make_source
 
@@ -45,14 +46,16 @@ class Feeder(threading.Thread):
     learner always gets exactly ``batch_size`` images (a final partial batch of a finite stream is passed on
     when it has at least 2 images). ``device``: where the views go; on CUDA the thread makes it its current
     device before any CUDA call. When the stream ends or stops, the multi-crop's ``close`` (if it has one)
-    releases its workers.
+    releases its workers. ``replay``: a replay stage around ``stream`` whose draws are batched instead (the
+    position is still the stream's; a sample the multi-crop drops leaves the buffer).
     """
 
     def __init__(self, stream: SampleStream, multicrop: Callable, batch_size: int, prefetch: int, *,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, replay: ReplayStream | None = None) -> None:
         super().__init__(name="streamssl-feeder", daemon=True)
         self.device = device if device is not None else torch.device("cpu")
         self.stream = stream
+        self.replay = replay
         self.multicrop = multicrop
         self.batch_size = batch_size
         self.out: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -75,7 +78,7 @@ class Feeder(threading.Thread):
     def run(self) -> None:
         try:
             use_device(self.device)  # torch's current CUDA device is per thread: DALI's copies land on ours
-            samples = iter(self.stream)
+            samples = iter(self.replay if self.replay is not None else self.stream)
             exhausted = False
             while not self._stop_event.is_set() and not exhausted:
                 parts: list[list[Tensor]] = []
@@ -92,6 +95,8 @@ class Feeder(threading.Thread):
                         exhausted = True
                     if chunk:
                         views, kept = self.multicrop(chunk)
+                        if self.replay is not None and len(kept) < len(chunk):
+                            self.replay.discard(set(chunk_ids) - {chunk_ids[k] for k in kept})
                         if kept:
                             parts.append(views)
                             ids += [chunk_ids[k] for k in kept]
@@ -114,12 +119,13 @@ class Feeder(threading.Thread):
 
 
 def make_data_path(cfg: Config, device: torch.device, *, position: dict[str, Any] | None,
-                    on_bad: Callable[[str], None], ack: Callable[[str], None],
-                    echo: Callable[[str], None]) -> tuple[SampleStream, Feeder]:
+                   on_bad: Callable[[str], None], ack: Callable[[str], None], echo: Callable[[str], None],
+                   replay_state: dict[str, Any] | None = None) -> tuple[SampleStream, Feeder]:
     """The run's data path, not yet started: its source (the embedded demo images when ``source.urls`` is empty),
     the sample stream from ``position`` (acknowledging shards through ``ack`` once a checkpoint covers
-    them), the multi-crop on ``device`` and the feeder thread that batches its views. The caller starts the
-    feeder once it holds the stream: ``ack`` may be called from the feeder's first samples on."""
+    them), the replay buffer when ``replay.policy`` is not none (refilled from ``replay_state``), the
+    multi-crop on ``device`` and the feeder thread that batches its views. The caller starts the feeder once
+    it holds the stream: ``ack`` may be called from the feeder's first samples on."""
     source_cfg = cfg.source
     if not source_cfg.urls:
         from streamssl.stream.demo import demo_max_side, demo_shards
@@ -132,8 +138,16 @@ def make_data_path(cfg: Config, device: torch.device, *, position: dict[str, Any
                           defer_ack=True, ack=ack)
     if position is not None:
         stream.load_state_dict(position)
+    replay = None
+    if cfg.replay.policy != "none":
+        r = cfg.replay
+        replay = ReplayStream(stream, ReplayBuffer(r.policy, r.max_samples, r.max_bytes, seed=r.seed),
+                              ratio=r.ratio, min_fill=r.min_fill)
+        if replay_state is not None:
+            replay.load_state_dict(replay_state)
     multicrop = make_multicrop(cfg.augment, cfg.learner.batch_size, device=str(device), on_bad=on_bad)
-    return stream, Feeder(stream, multicrop, cfg.learner.batch_size, cfg.augment.prefetch, device=device)
+    return stream, Feeder(stream, multicrop, cfg.learner.batch_size, cfg.augment.prefetch, device=device,
+                          replay=replay)
 
 
 __all__ = ["END", "Batch", "Feeder", "make_data_path"]

@@ -51,6 +51,16 @@ streamssl_source_idle_seconds (gauge)                   how long the source has 
                                                         shards flow): a quiet folder or ingest stream
 streamssl_probe_accuracy_ratio (gauge)                  online probe accuracy, 0..1
 streamssl_probe_duration_seconds (gauge)                time the last online probe took (training paused)
+streamssl_replay_samples (gauge)                        samples in the replay buffer (0: replay.policy none)
+streamssl_replay_bytes (gauge)                          encoded bytes the replay buffer holds
+streamssl_replay_fill_ratio (gauge)                     replay buffer samples / replay.max_samples, 0..1
+streamssl_replay_redundancy (gauge)                     MinRed: mean cosine similarity of each buffered sample
+                                                        to its nearest neighbour (1: duplicates)
+streamssl_replay_draws_per_arrival (gauge)              replay ratio achieved: samples trained on per arrival
+streamssl_replay_arrivals_total (counter)               samples that reached the replay buffer
+streamssl_replay_evictions_total (counter)              samples the policy evicted to make room
+streamssl_replay_refused_total (counter)                arrivals not kept (reservoir's draw, or too large)
+streamssl_replay_draws_total (counter)                  samples drawn from the buffer for training
 streamssl_daemon_start_timestamp_seconds (gauge)        unix time the metrics were created (run start);
                                                         alerts use it to spare a warming-up run
 streamssl_build_info (info; version, arch, method)      always 1; streamssl version, trunk arch, method
@@ -179,6 +189,19 @@ class Metrics:
         self.recoveries = Counter("streamssl_learner_collapse_recoveries", "Collapse recoveries applied: rollback "
                                   "to the last healthy snapshot, prototypes re-frozen, eps lowered for a while.",
                                   registry=r)
+        self._replay_gauges = {key: Gauge(f"streamssl_replay_{name}", help, registry=r) for key, name, help in (
+            ("samples", "samples", "Samples in the replay buffer (0 without replay)."),
+            ("bytes", "bytes", "Encoded bytes the replay buffer holds."),
+            ("fill", "fill_ratio", "Replay buffer samples / replay.max_samples, 0..1."),
+            ("redundancy", "redundancy", "MinRed: mean cosine similarity of each buffered sample to its nearest "
+             "neighbour; near 1, the buffer holds near-duplicates."),
+            ("ratio", "draws_per_arrival", "Replay ratio achieved: samples trained on per sample arrived."))}
+        self._replay_counters = {key: Counter(f"streamssl_replay_{name}", help, registry=r) for key, name, help in (
+            ("added", "arrivals", "Samples that reached the replay buffer."),
+            ("evicted", "evictions", "Samples the replay policy evicted to make room."),
+            ("refused", "refused", "Arrivals the replay buffer did not keep (reservoir's draw, or too large)."),
+            ("drawn", "draws", "Samples drawn from the replay buffer for training."))}
+        self._replay_last: dict[str, float] | None = None  # the counters' values at the last call
         self.start_time = Gauge("streamssl_daemon_start_timestamp_seconds", "Unix time this run's metrics were "
                                 "created.", registry=r)
         self.start_time.set(time.time())
@@ -272,6 +295,17 @@ class Metrics:
         self.probe_acc.set(value)
         if seconds is not None and _finite(seconds):
             self.probe_time.set(max(0.0, seconds))
+
+    def replay(self, snapshot: Mapping[str, float]) -> None:
+        """The replay buffer's state (``ReplayStream.snapshot()``). Its counters are cumulative over the buffer's
+        life, checkpoints included: the first call is this process's baseline, later ones add what grew."""
+        for key, gauge in self._replay_gauges.items():
+            if _finite(snapshot[key]):
+                gauge.set(_ratio(snapshot[key]) if key == "fill" else snapshot[key])
+        if self._replay_last is not None:
+            for key, counter in self._replay_counters.items():
+                counter.inc(max(0.0, snapshot[key] - self._replay_last[key]))
+        self._replay_last = {key: snapshot[key] for key in self._replay_counters}
 
     def collapse_recovered(self) -> None:
         """Count one collapse recovery."""

@@ -26,6 +26,7 @@ only the samples whose nearest neighbour changed. No N x N matrix is ever held.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,10 @@ class ReplayBuffer:
         self.nbytes += size
         self.has_emb[slot] = False
         self.nn[slot], self.nn_sim[slot] = -1, -np.inf
+
+    def remove(self, sample_id: str) -> None:
+        """Take one sample out (not an eviction: the policy did not choose it)."""
+        self._remove(self.index[sample_id])
 
     def _victim(self) -> int:
         if self.policy == "fifo":
@@ -214,10 +219,11 @@ class ReplayBuffer:
     def state_dict(self) -> dict[str, Any]:
         """The buffer's samples (their encoded bytes: a checkpoint covers what the buffer holds, so the stream
         position can move past them), embeddings, counters and random state."""
-        n = len(self.samples)
+        n = len(self.samples)  # plain containers and bytes only: checkpoints load with weights_only=True
+        emb = None if self.emb is None else {"dim": int(self.emb.shape[1]), "data": self.emb[:n].tobytes()}
         return {"policy": self.policy, "seen": self.seen, "arrival": list(self.arrival),
                 "samples": [{f: getattr(s, f) for f in _FIELDS} for s in self.samples],
-                "emb": None if self.emb is None else self.emb[:n].copy(), "has_emb": self.has_emb[:n].copy(),
+                "emb": emb, "has_emb": self.has_emb[:n].tobytes(),
                 "rng": self.rng.bit_generator.state,
                 "stats": {"added": self.stats.added, "refused": self.stats.refused, "evicted": self.stats.evicted,
                           "drawn": self.stats.drawn}}
@@ -246,7 +252,8 @@ class ReplayBuffer:
         stats = state.get("stats", {})
         self.stats = ReplayStats(**{k: int(v) for k, v in stats.items()})
         if state.get("emb") is not None and self.policy == "minred":
-            emb, has = np.asarray(state["emb"]), np.asarray(state["has_emb"])
+            emb = np.frombuffer(state["emb"]["data"], dtype=np.float32).reshape(-1, state["emb"]["dim"])
+            has = np.frombuffer(state["has_emb"], dtype=bool)
             embedded = [i for i in keep if has[i] and samples[i].id in self.index]
             if embedded:
                 self.update_embeddings([samples[i].id for i in embedded], emb[embedded])
@@ -258,6 +265,9 @@ class ReplayStream:
     Every arriving sample enters the buffer; once it holds ``min_fill`` samples, ``ratio`` draws follow each
     arrival on average (the replay ratio: 1 trains on as many samples as arrive, 4 on four times as many,
     0.5 on half). Before the fill nothing is drawn: the first batch waits for it.
+
+    The stream is iterated in one thread (the feeder's) while another (the learner's) gives embeddings back and
+    checkpoints the buffer: every touch of the buffer holds ``lock``, never across a ``yield``.
     """
 
     def __init__(self, incoming: Iterable[Sample], buffer: ReplayBuffer, *, ratio: float = 1.0,
@@ -267,16 +277,52 @@ class ReplayStream:
         self.incoming, self.buffer, self.ratio = incoming, buffer, ratio
         self.min_fill = max(1, min(min_fill, buffer.max_samples))
         self.credit = 0.0
+        self.lock = threading.Lock()
 
     def __iter__(self) -> Iterator[Sample]:
         for sample in self.incoming:
-            self.buffer.add(sample)
-            if len(self.buffer) < self.min_fill:
-                continue
-            self.credit += self.ratio
-            while self.credit >= 1.0:
-                self.credit -= 1.0
-                yield self.buffer.draw()
+            with self.lock:
+                self.buffer.add(sample)
+                if len(self.buffer) < self.min_fill:
+                    continue
+                self.credit += self.ratio
+                draws = []
+                while self.credit >= 1.0:
+                    self.credit -= 1.0
+                    draws.append(self.buffer.draw())
+            yield from draws
+
+    def discard(self, ids: Iterable[str]) -> None:
+        """Take samples out of the buffer (the augment stage could not decode them: never draw them again)."""
+        with self.lock:
+            for i in ids:
+                if i in self.buffer.index:
+                    self.buffer.remove(i)
+
+    def update_embeddings(self, ids: Sequence[str], embeddings: Any) -> int:
+        """``ReplayBuffer.update_embeddings``, from the learner's thread."""
+        with self.lock:
+            return self.buffer.update_embeddings(ids, embeddings)
+
+    def snapshot(self) -> dict[str, float]:
+        """What the buffer holds and did, for metrics: samples, bytes, fill (of max_samples), the counters of
+        ``ReplayStats``, the achieved replay ratio (draws per arrival) and redundancy (MinRed; else nan)."""
+        with self.lock:
+            b, stats = self.buffer, self.buffer.stats
+            redundancy = b.redundancy()
+            return {"samples": len(b), "bytes": b.nbytes, "fill": len(b) / b.max_samples, "added": stats.added,
+                    "refused": stats.refused, "evicted": stats.evicted, "drawn": stats.drawn,
+                    "ratio": stats.drawn / stats.added if stats.added else 0.0,
+                    "redundancy": float("nan") if redundancy is None else redundancy}
+
+    def state_dict(self) -> dict[str, Any]:
+        with self.lock:
+            return {"buffer": self.buffer.state_dict(), "credit": self.credit}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with self.lock:
+            self.buffer.load_state_dict(state["buffer"])
+            self.credit = float(state.get("credit", 0.0))
 
 
 __all__ = ["POLICIES", "ReplayBuffer", "ReplayStats", "ReplayStream"]

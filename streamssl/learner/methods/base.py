@@ -15,6 +15,9 @@ The engine calls, for each batch of views:
 3. ``after_update(step)``: only after an applied update, never after a skipped one: renormalise, EMA,
    push into a queue or memory.
 
+Each ``loss`` also leaves ``embeddings``: the (B, D) embeddings of the batch's first view, detached (what a
+MinRed replay buffer compares samples by, at no extra forward pass).
+
 ``step`` is the index of the step being made (0 for the first). ``extra_state``/``load_extra_state`` carry
 what is not a parameter or buffer. ``published()`` is the tensor the prototype store holds (SwAV's
 prototypes, DeepCluster's centroids), or None. Collapse: ``health`` names the diagnostic the collapse monitor
@@ -61,6 +64,7 @@ class Method(nn.Module):
     health: ClassVar[str | None] = None  # the diagnostic collapse detection watches; None: no detection
     trunk: nn.Module
     embed_dim: int
+    embeddings: Tensor | None = None  # (B, D) of the last loss()'s first view, detached
 
     def loss(self, views: Sequence[Tensor], mark: Mark, step: int,
              ids: Sequence[str] | None = None) -> tuple[Tensor, dict[str, Tensor | float]]:

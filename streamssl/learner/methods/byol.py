@@ -91,6 +91,7 @@ class BYOL(Method):
         z = self.head(features_by_size(self.trunk, views))  # (V*B, D)
         q = self.predictor(z)  # (V*B, D)
         mark("forward")
+        self.embeddings = z[:batch].detach()
         with torch.no_grad():
             targets = self.target_head(features_by_size(self.target_trunk, views[:2]))  # (2B, D)
         mark("target")

@@ -87,6 +87,7 @@ class DeepClusterV2(Method):
             raise ValueError(f"{n_views} views given; DeepCluster needs 2 and crops_for_assign among them")
         emb = F.normalize(self.head(features_by_size(self.trunk, views)), dim=1)  # (V*B, D)
         mark("forward")
+        self.embeddings = emb[:views[0].shape[0]].detach()
         with torch.autocast(emb.device.type, enabled=False):
             loss, labels = cluster_prediction_loss(emb, self.centroids, assign, n_views, self.cfg.temperature)
         mark("loss")

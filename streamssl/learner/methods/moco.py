@@ -97,6 +97,7 @@ class MoCo(Method):
         batch = views[0].shape[0]
         z = self.head(features_by_size(self.trunk, views))  # (V*B, D)
         mark("forward")
+        self.embeddings = z[:batch].detach()
         keys = self._encode_keys(views[:2])  # (2B, D)
         mark("keys")
         with torch.autocast(z.device.type, enabled=False):

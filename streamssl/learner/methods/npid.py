@@ -86,6 +86,7 @@ class NPID(Method):
         with torch.autocast(z.device.type, enabled=False):
             f = F.normalize(z.float(), dim=1)
             f0, f1 = f[:batch], f[batch:]
+            self.embeddings = f0.detach()
             keys = self._keys(ids, batch, f.device)
             match = (keys[:, None] == self.bank_keys[None, :]) & (keys[:, None] >= 0)  # (B, M)
             seen = match.any(dim=1)  # (B,)

@@ -64,6 +64,7 @@ class SimCLR(Method):
             raise ValueError(f"SimCLR needs at least 2 views, got {len(views)}")
         z = self(views)
         mark("forward")
+        self.embeddings = z[:views[0].shape[0]].detach()
         with torch.autocast(z.device.type, enabled=False):
             loss = nt_xent(z, len(views), self.settings.temperature)
         mark("loss")

@@ -90,6 +90,7 @@ class SwAV(Method):
         emb, scores = self(views)  # (V*B, D), (V*B, K)
         mark("forward")
         self._emb, self._n_views = emb.detach(), n_views
+        self.embeddings = self._emb[:batch]
         # Codes and loss in float32 outside autocast: only the network runs in bfloat16.
         with torch.autocast(emb.device.type, enabled=False):
             codes = self._codes(emb, scores, batch, step)
