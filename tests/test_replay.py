@@ -98,6 +98,9 @@ def test_minred_nearest_neighbours_match_a_brute_force_search() -> None:
             ids = [s.id for s in buf.samples[-3:]] + [buf.samples[int(rng.integers(len(buf)))].id]
             buf.update_embeddings(ids, rng.normal(size=(len(ids), 8)))
         if i % 20 == 0:
+            pending = buf.pending[:len(buf)] & buf.has_emb[:len(buf)]
+            assert (buf.nn[:len(buf)][pending] == -1).all()  # an orphan waits, and is no eviction candidate
+            buf.refresh_neighbours()  # what the next batch of embeddings does first
             expected = brute_force_nn(buf)
             for sid, sim in expected.items():
                 slot = buf.index[sid]

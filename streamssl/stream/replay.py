@@ -20,8 +20,10 @@ alone is refused. Training draws from the buffer uniformly (``draw``); how often
 ratio of ``ReplayStream``.
 
 Nearest neighbours are kept incrementally: each embedded sample knows its nearest neighbour and their
-similarity; an insertion costs one (N, D) x (D,) product, and an eviction or a refreshed embedding recomputes
-only the samples whose nearest neighbour changed. No N x N matrix is ever held.
+similarity. A batch of new embeddings costs one (N, D) x (D, M) product (every sample against the M new ones,
+which also gives the new ones their neighbours); a sample whose neighbour left or moved away is searched again
+lazily, all of them in one product at the next batch of embeddings (until then it is not a candidate for
+eviction). No N x N matrix is ever held. ``benchmarks/replay_cost.py`` measures the cost per step.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class ReplayBuffer:
     def _reset(self) -> None:
         max_samples = self.max_samples
         self.samples: list[Sample] = []   # dense; a slot's position changes when another leaves
-        self.arrival: list[int] = []      # arrival number of each slot (older: smaller)
+        self.arrival = np.zeros(max_samples, dtype=np.int64)  # arrival number of each slot (older: smaller)
         self.index: dict[str, int] = {}   # sample id -> slot
         self.nbytes = 0
         self.seen = 0                     # arrivals so far (reservoir's n)
@@ -74,6 +76,7 @@ class ReplayBuffer:
         self.has_emb = np.zeros(max_samples, dtype=bool)
         self.nn = np.full(max_samples, -1, dtype=np.int64)
         self.nn_sim = np.full(max_samples, -np.inf, dtype=np.float32)
+        self.pending = np.zeros(max_samples, dtype=bool)  # embedded, neighbour to be searched again
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -102,10 +105,10 @@ class ReplayBuffer:
             self.stats.evicted += 1
         slot = len(self.samples)
         self.samples.append(sample)
-        self.arrival.append(self.seen)
+        self.arrival[slot] = self.seen
         self.index[sample.id] = slot
         self.nbytes += size
-        self.has_emb[slot] = False
+        self.has_emb[slot] = self.pending[slot] = False
         self.nn[slot], self.nn_sim[slot] = -1, -np.inf
 
     def remove(self, sample_id: str) -> None:
@@ -113,17 +116,17 @@ class ReplayBuffer:
         self._remove(self.index[sample_id])
 
     def _victim(self) -> int:
-        if self.policy == "fifo":
-            return int(np.argmin(self.arrival))
-        if self.policy == "reservoir":  # only the byte bound gets here: a random one, keeping it uniform
-            return int(self.rng.integers(len(self.samples)))
         n = len(self.samples)
+        if self.policy == "fifo":
+            return int(np.argmin(self.arrival[:n]))
+        if self.policy == "reservoir":  # only the byte bound gets here: a random one, keeping it uniform
+            return int(self.rng.integers(n))
         sims = np.where(self.has_emb[:n] & (self.nn[:n] >= 0), self.nn_sim[:n], -np.inf)
         best = float(sims.max()) if n else -np.inf
         if not np.isfinite(best):
-            return int(np.argmin(self.arrival))  # nothing to compare yet: the oldest
+            return int(np.argmin(self.arrival[:n]))  # nothing to compare yet: the oldest
         pair = np.flatnonzero(sims == best)
-        return int(min(pair, key=lambda i: self.arrival[i]))  # of the most redundant, the oldest
+        return int(pair[np.argmin(self.arrival[pair])])  # of the most redundant, the oldest
 
     def _remove(self, slot: int) -> None:
         sample = self.samples[slot]
@@ -133,9 +136,9 @@ class ReplayBuffer:
         orphans = [int(i) for i in np.flatnonzero(self.nn[: last + 1] == slot)]  # their neighbour leaves
         if slot != last:  # move the last slot into the hole
             moved = self.samples[last]
-            self.samples[slot], self.arrival[slot] = moved, self.arrival[last]
+            self.samples[slot] = moved
             self.index[moved.id] = slot
-            for array in (self.has_emb, self.nn, self.nn_sim):
+            for array in (self.arrival, self.has_emb, self.nn, self.nn_sim, self.pending):
                 array[slot] = array[last]
             if self.emb is not None:
                 self.emb[slot] = self.emb[last]
@@ -143,11 +146,10 @@ class ReplayBuffer:
             live[live == last] = slot
             orphans = [slot if i == last else i for i in orphans]
         self.samples.pop()
-        self.arrival.pop()
-        self.has_emb[last], self.nn[last], self.nn_sim[last] = False, -1, -np.inf
-        for i in orphans:  # look again
-            if i < len(self.samples) and self.has_emb[i]:
-                self._find_nn(i)
+        self.has_emb[last], self.pending[last], self.nn[last], self.nn_sim[last] = False, False, -1, -np.inf
+        for i in orphans:  # look again, at the next batch of embeddings
+            if i < len(self.samples):
+                self.nn[i], self.nn_sim[i], self.pending[i] = -1, -np.inf, bool(self.has_emb[i])
 
     # -- MinRed's embeddings ------------------------------------------------------------------------------
 
@@ -170,12 +172,9 @@ class ReplayBuffer:
         self.emb[slots] = np.stack(list(pairs.values()))
         self.has_emb[slots] = True
         n = len(self.samples)
-        # one (n, m) product: every sample against the m new embeddings
-        sims = self.emb[:n] @ self.emb[slots].T
-        sims[~self.has_emb[:n]] = -np.inf
-        sims[slots, np.arange(len(slots))] = -np.inf  # not one's own neighbour
-        best_col = sims.argmax(axis=1)
-        best = sims[np.arange(n), best_col]
+        # one (m, n) product: the m new embeddings against every sample (rows contiguous: fast reductions)
+        sims = self._masked(slots, self.emb[slots] @ self.emb[:n].T)
+        best = sims.max(axis=0)  # (n,): each sample's most similar new embedding
         was_updated = np.zeros(n, dtype=bool)
         was_updated[slots] = True
         stale = np.isin(self.nn[:n], slots) & ~was_updated  # their neighbour moved: its old similarity is void
@@ -183,26 +182,39 @@ class ReplayBuffer:
         # a stale one whose best new similarity beats its old one still has that neighbour (nothing else
         # changed, and the old one was the best of the rest)
         keeps = stale & (best >= self.nn_sim[:n])
-        take = closer | keeps
-        self.nn[:n][take], self.nn_sim[:n][take] = slots[best_col[take]], best[take]
-        for i in (*slots.tolist(), *np.flatnonzero(stale & ~keeps).tolist()):  # the rest look again, in full
-            self._find_nn(int(i))
+        take = np.flatnonzero(closer | keeps)
+        self.nn[take], self.nn_sim[take] = slots[sims[:, take].argmax(axis=0)], best[take]
+        self._set_nn(slots, sims)  # the new ones' neighbours: the rows of the same product
+        self.pending[:n] |= stale & ~keeps  # the rest look again, in full, with the orphans of evictions
+        self.refresh_neighbours()
         return len(slots)
 
-    def _find_nn(self, slot: int) -> None:
+    def refresh_neighbours(self) -> None:
+        """Search again, in one product, the neighbours of the samples whose neighbour left or moved away."""
         n = len(self.samples)
-        assert self.emb is not None
-        sims = self.emb[:n] @ self.emb[slot]
-        sims[~self.has_emb[:n]] = -np.inf
-        sims[slot] = -np.inf
-        j = int(np.argmax(sims)) if n > 1 else -1
-        if j < 0 or not np.isfinite(sims[j]):
-            self.nn[slot], self.nn_sim[slot] = -1, -np.inf
-        else:
-            self.nn[slot], self.nn_sim[slot] = j, sims[j]
+        todo = np.flatnonzero(self.pending[:n] & self.has_emb[:n])
+        self.pending[:n] = False
+        if len(todo) and self.emb is not None:
+            self._set_nn(todo, self._masked(todo, self.emb[todo] @ self.emb[:n].T))
+
+    def _masked(self, slots: np.ndarray, sims: np.ndarray) -> np.ndarray:
+        """``sims`` (len(slots), n), each of ``slots`` against every sample, without the samples not embedded
+        and without each slot itself (not one's own neighbour)."""
+        sims[:, ~self.has_emb[: sims.shape[1]]] = -np.inf
+        sims[np.arange(len(slots)), slots] = -np.inf
+        return sims
+
+    def _set_nn(self, slots: np.ndarray, sims: np.ndarray) -> None:
+        """Nearest neighbours of ``slots`` from their masked similarities ``sims`` (len(slots), n)."""
+        j = sims.argmax(axis=1)
+        best = sims[np.arange(len(slots)), j]
+        found = np.isfinite(best)
+        self.nn[slots] = np.where(found, j, -1)
+        self.nn_sim[slots] = np.where(found, best, -np.inf)
 
     def redundancy(self) -> float | None:
         """Mean cosine similarity of each embedded sample to its nearest neighbour (None: fewer than 2)."""
+        self.refresh_neighbours()
         n = len(self.samples)
         ok = self.has_emb[:n] & (self.nn[:n] >= 0)
         return float(self.nn_sim[:n][ok].mean()) if ok.any() else None
@@ -221,7 +233,7 @@ class ReplayBuffer:
         position can move past them), embeddings, counters and random state."""
         n = len(self.samples)  # plain containers and bytes only: checkpoints load with weights_only=True
         emb = None if self.emb is None else {"dim": int(self.emb.shape[1]), "data": self.emb[:n].tobytes()}
-        return {"policy": self.policy, "seen": self.seen, "arrival": list(self.arrival),
+        return {"policy": self.policy, "seen": self.seen, "arrival": self.arrival[:n].tolist(),
                 "samples": [{f: getattr(s, f) for f in _FIELDS} for s in self.samples],
                 "emb": emb, "has_emb": self.has_emb[:n].tobytes(),
                 "rng": self.rng.bit_generator.state,
@@ -245,8 +257,8 @@ class ReplayBuffer:
         keep = [i for i in range(len(samples)) if i in fits]
         for i in keep:
             self.index[samples[i].id] = len(self.samples)
+            self.arrival[len(self.samples)] = arrival[i]
             self.samples.append(samples[i])
-            self.arrival.append(arrival[i])
             self.nbytes += len(samples[i].data)
         self.seen = int(state["seen"])
         stats = state.get("stats", {})
