@@ -20,7 +20,8 @@ One training at a time; evaluated after it, never during one:
   a task's accuracy is the kNN accuracy on its classes' test images; its forgetting is the best accuracy during
   the run minus the final one.
 
-Prints the table and its Markdown, writes ``WORKDIR/results.json`` after every run::
+Prints the table and its Markdown, writes ``WORKDIR/results.json`` after every run (keeping the runs of
+earlier invocations in the same workdir, so a table can be made in parts)::
 
     python benchmarks/correlated.py --workdir runs/correlated --eval-bf16 --linear-weight-decays 1e-4 \\
         --linear-iters 100
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"benchmark": "correlated", "images": args.images, "buffer": args.buffer,
                                "profile": args.profile, "overrides": args.overrides, "machine": machine_info(),
                                "command": [sys.executable, *sys.argv], "runs": {}}
-    if args.skip_train and results_path.is_file():
+    if results_path.is_file():  # runs of earlier invocations in this workdir stay in the table
         results["runs"] = json.loads(results_path.read_text()).get("runs", {})
     train_set, test_set = load_splits(f"fashion-mnist:{args.fashion_mnist}")
     for stream in args.streams:
