@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
 import signal
 import socket
 import threading
@@ -47,11 +46,11 @@ from streamssl.service.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from streamssl.service.feeder import END, Batch, Feeder, make_data_path
+from streamssl.service.feeder import Batch, Feeder, make_data_path
 from streamssl.service.metrics import Metrics
 from streamssl.service.metrics_server import MetricsServer
 from streamssl.service.probe import LiveProbe
-from streamssl.service.progress import History, format_progress
+from streamssl.service.progress import History, ProgressWindow, format_progress
 from streamssl.service.recovery import CollapseRecovery, NonFiniteStreak
 from streamssl.service.resume import check_fits, does_not_fit
 from streamssl.store import BackgroundWriter, open_store
@@ -162,22 +161,13 @@ class Daemon:
         self.metrics.shard_done()
 
     def _drain(self, feeder: Feeder) -> Iterator[Batch]:
-        while True:
-            try:
-                item = feeder.out.get(timeout=0.5)
-            except queue.Empty:
-                if self._signals:
-                    return
-                if self.stream is not None:
-                    self.metrics.set_source_idle(self.stream.idle_seconds())
-                continue
-            if item is END:
-                if feeder.error is not None:  # stop as on SIGTERM (checkpoint, store, server), then report it
-                    exc = feeder.error
-                    self.error = exc if isinstance(exc, StreamsslError) else DataPathFailed(
-                        f"the data path failed: {type(exc).__name__}: {exc}")
-                return
-            yield item
+        stream = feeder.stream
+        yield from feeder.drain(lambda: bool(self._signals),
+                                lambda: self.metrics.set_source_idle(stream.idle_seconds()))
+        if feeder.error is not None:  # stopped as on SIGTERM (checkpoint, store, server), then reported
+            exc = feeder.error
+            self.error = exc if isinstance(exc, StreamsslError) else DataPathFailed(
+                f"the data path failed: {type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ state
 
@@ -343,7 +333,7 @@ class Daemon:
             self._start_server()
             self.heartbeat(None)
             data = self._data()
-            window_images, window_wait, window_start = 0, 0.0, time.monotonic()
+            window = ProgressWindow()
             while not self._signals:
                 used = self.budget_used(time.monotonic() - start)
                 if used is not None and used >= 1.0:
@@ -361,8 +351,7 @@ class Daemon:
                     self.replay.update_embeddings(batch.ids, stats.embeddings)  # MinRed's; the others ignore them
                 self.images += stats.n_images
                 n_images_run += stats.n_images
-                window_images += stats.n_images
-                window_wait += wait_s
+                window.add(stats.n_images, wait_s)
                 self.metrics.observe_step(n_images=stats.n_images, loss=stats.loss, lr=stats.lr,
                                           step_s=stats.total_s, data_wait_s=wait_s, skipped=stats.skipped,
                                           diagnostics=stats.diagnostics, parts=stats.times)
@@ -377,16 +366,15 @@ class Daemon:
                     continue
                 self.nonfinite.reset()
                 if step % cfg.run.log_every_steps == 0:
-                    elapsed = time.monotonic() - window_start
-                    self.metrics.set_data_wait_share(window_wait / elapsed)
+                    images_per_s, wait_share = window.close()
+                    self.metrics.set_data_wait_share(wait_share)
                     if self.replay is not None:
                         self.metrics.replay(self.replay.snapshot())
-                    self.echo(format_progress(stats, window_images / elapsed, window_wait / elapsed,
+                    self.echo(format_progress(stats, images_per_s, wait_share,
                                               self.learner.method.diagnostics, self.learner.n_skipped,
                                               limits={"prototypes_in_use": f"/{cfg.model.n_prototypes}"}))
-                    self.history.write(stats, images=self.images, images_per_s=window_images / elapsed,
-                                       data_wait=window_wait / elapsed, skipped_steps=self.learner.n_skipped)
-                    window_images, window_wait, window_start = 0, 0.0, time.monotonic()
+                    self.history.write(stats, images=self.images, images_per_s=images_per_s, data_wait=wait_share,
+                                       skipped_steps=self.learner.n_skipped)
                 self.recovery.watch(stats)
                 if self.probe is not None and step % cfg.probe.every_steps == 0:
                     self.run_probe()

@@ -8,7 +8,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,21 @@ class Feeder(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.stream.close()
+
+    def drain(self, stopping: Callable[[], bool], idle: Callable[[], None]) -> Iterator[Batch]:
+        """The batches, in order, until the feeder's end, or until ``stopping()`` while none is ready (``idle()``
+        is called every half second that none is)."""
+        while True:
+            try:
+                item = self.out.get(timeout=0.5)
+            except queue.Empty:
+                if stopping():
+                    return
+                idle()
+                continue
+            if item is END:
+                return
+            yield item
 
     def _put(self, item: object) -> bool:
         while not self._stop_event.is_set():

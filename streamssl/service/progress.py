@@ -24,6 +24,27 @@ def format_progress(stats: StepStats, images_per_s: float, wait_share: float, di
     return " | ".join([*fields, f"data wait {wait_share:4.0%}", f"skipped {skipped}"])
 
 
+class ProgressWindow:
+    """Images trained on and time spent waiting for data since the last progress line."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.images, self.wait_s, self.start = 0, 0.0, time.monotonic()
+
+    def add(self, images: int, wait_s: float) -> None:
+        self.images += images
+        self.wait_s += wait_s
+
+    def close(self) -> tuple[float, float]:
+        """(images per second, share of the time spent waiting for data) of the window; the next one starts."""
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rates = self.images / elapsed, self.wait_s / elapsed
+        self._reset()
+        return rates
+
+
 class History:
     """The run's own record: one JSON line per progress line, appended to ``history.jsonl`` in the run folder
     (``streamssl report`` draws it). Survives restarts: a resumed run appends."""
@@ -50,4 +71,4 @@ class History:
             self._file = None
 
 
-__all__ = ["History", "format_progress"]
+__all__ = ["History", "ProgressWindow", "format_progress"]
