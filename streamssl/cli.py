@@ -120,6 +120,15 @@ def method_summary(cfg: Any) -> str:
     return f"NPID, memory {cfg.npid.memory_length}, {cfg.npid.negatives} negatives"
 
 
+def replay_summary(cfg: Any) -> str:
+    """The replay buffer, for the start-up line ("" without one)."""
+    r = cfg.replay
+    if r.policy == "none":
+        return ""
+    return (f", replay {r.policy} of {r.max_samples} samples / {r.max_bytes / 2**20:g} MiB, ratio {r.ratio:g} "
+            f"from {r.min_fill}")
+
+
 @app.command()
 def run(profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = None) -> None:
     """Run the daemon: shards -> multi-crop -> the method (learner.method, SwAV by default), with checkpoints,
@@ -136,7 +145,7 @@ def run(profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = None) -> None
     limits = [f"{n} {what}" for n, what in ((cfg.run.max_steps, "steps"), (cfg.run.max_images, "images"),
                                             (cfg.run.max_seconds, "seconds")) if n]
     typer.echo(f"streamssl {__version__}: {cfg.model.arch}, batch {cfg.learner.batch_size}, views "
-               f"{list(cfg.augment.n_views)}x{list(cfg.augment.sizes)} px, {method_summary(cfg)}; "
+               f"{list(cfg.augment.n_views)}x{list(cfg.augment.sizes)} px, {method_summary(cfg)}{replay_summary(cfg)}; "
                f"{'stops after ' + ' or '.join(limits) if limits else 'runs until stopped'}")
     typer.echo(f"watch: the progress lines below, `{status_command(profile, cfg)}`, "
                f"`streamssl report {shlex.quote(cfg.checkpoint.dir)}` for PNG plots, and /metrics (address "

@@ -151,3 +151,12 @@ def test_the_start_line_sizes_the_method_it_runs(method: str, says: str, not_sai
     line = method_summary(resolve(None, overrides=[f"learner.method={method}"]))
     assert says in line
     assert not_said is None or not_said not in line
+
+
+def test_the_start_line_names_the_replay_buffer() -> None:
+    from streamssl.cli import replay_summary
+    from streamssl.config import resolve
+
+    assert replay_summary(resolve(None)) == ""
+    line = replay_summary(resolve(None, overrides=["replay.policy=minred", "replay.max_samples=5000"]))
+    assert line == ", replay minred of 5000 samples / 256 MiB, ratio 1 from 1000"
