@@ -276,6 +276,34 @@ def test_deepcluster_reclusters_its_memory_when_full_and_then_every_refresh() ->
     assert all(id(method.centroids) != id(p) for g in learner.optimizer.param_groups for p in g["params"])
 
 
+def test_deepcluster_refresh_starts_from_memory_rows_so_a_collapsed_clustering_comes_back() -> None:
+    from streamssl.config import DeepClusterConfig
+
+    learner = Learner.build(MODEL, LearnerConfig(method="deepcluster", batch_size=8, optimizer="sgd",
+                                                 base_lr=0.1, warmup_steps=0),
+                            settings=DeepClusterConfig(memory_length=400, kmeans_iters=10))
+    method = learner.method
+    g = torch.Generator().manual_seed(2)
+    centres = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1)
+    method.memory.copy_(torch.nn.functional.normalize(
+        centres[torch.arange(400) % 4] + 0.05 * torch.randn(400, 16, generator=g), dim=1))
+    method.centroids.copy_(method.centroids[:1].expand_as(method.centroids))  # every centroid the same one
+    method.refresh(step=10)
+    c = method.centroids
+    torch.testing.assert_close(c.norm(dim=1), torch.ones(len(c)))
+    assert (centres @ c.T).max(dim=1).values.min() > 0.99  # every planted cluster has a centroid again
+    assert len({int(i) for i in (method.memory @ c.T).argmax(dim=1)}) >= 4
+
+
+def test_deepcluster_needs_a_memory_row_per_centroid() -> None:
+    from streamssl.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match="memory_length"):
+        resolve(None, overrides=["learner.method=deepcluster", "model.n_prototypes=512",
+                                 "deepcluster.memory_length=256"])
+    resolve(None, overrides=["learner.method=swav", "model.n_prototypes=512", "deepcluster.memory_length=256"])
+
+
 def test_npid_memory_is_keyed_by_sample_id_bounded_and_moves_towards_new_embeddings() -> None:
     import hashlib
 

@@ -33,8 +33,9 @@ class DeepClusterConfig:
     """DeepCluster-v2 (learner/methods/deepcluster.py): k-means centroids on a memory of the recent stream; its
     temperature, number of centroids (model.n_prototypes) and assignment views are SwAV's settings."""
 
-    memory_length: int = _f(4096, "Embeddings of the recent stream that k-means clusters (the paper: the whole "
-                            "dataset, once per epoch).", ge=2)
+    memory_length: int = _f(32768, "Embeddings of the recent stream that k-means clusters (the paper: the whole "
+                            "dataset, once per epoch): at least one per centroid (model.n_prototypes), better "
+                            "10-30; two per image (the assignment views).", ge=2)
     refresh_steps: int = _f(200, "Re-cluster every this many steps once the memory is full.", ge=1)
     kmeans_iters: int = _f(10, "k-means rounds per refresh, from the current centroids.", ge=1)
 

@@ -326,6 +326,10 @@ class Config:
         if max(self.learner.crops_for_assign) >= n_views:
             raise ConfigError(f"learner.crops_for_assign: view index {max(self.learner.crops_for_assign)} "
                               f"but only {n_views} views (augment.n_views)")
+        if self.learner.method == "deepcluster" and self.deepcluster.memory_length < self.model.n_prototypes:
+            raise ConfigError(f"deepcluster.memory_length: {self.deepcluster.memory_length} rows cannot seed "
+                              f"{self.model.n_prototypes} centroids (model.n_prototypes); give it at least one row "
+                              "per centroid, better 10-30")
         if self.learner.schedule == "budget" and not (self.run.max_steps or self.run.max_images
                                                        or self.run.max_seconds):
             raise ConfigError("learner.schedule = budget: needs a run budget to decay over (run.max_steps, "

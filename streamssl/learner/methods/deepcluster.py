@@ -5,10 +5,14 @@ another view of the same image, with cross-entropy over cosine scores against th
 ``learner.temperature``. The centroids come from spherical k-means (``deepcluster.kmeans_iters`` rounds) on a
 memory of embeddings. The paper re-clusters the whole dataset's embeddings once per epoch; a stream has no
 dataset and no epochs, so here the memory is the recent stream (the assignment views' embeddings of the last
-``deepcluster.memory_length`` images, a FIFO) and k-means reruns every ``deepcluster.refresh_steps`` steps,
-starting from the current centroids. The cluster of a view is its nearest centroid (the paper's pseudo-label
-of the sample from the last clustering; on a stream an image is seen once, so it is taken from the view's
-embedding now). Until the memory first fills, the centroids are random unit vectors.
+``deepcluster.memory_length`` rows, a FIFO) and k-means reruns every ``deepcluster.refresh_steps`` steps,
+each time from ``K`` rows of the memory drawn at random, as the authors' code starts every epoch's k-means (so a
+cluster that emptied comes back, and a clustering that drifted towards a few centroids is not continued).
+The cluster of a view is its nearest centroid (the paper's pseudo-label of the sample from the last
+clustering; on a stream an image is seen once, so it is taken from the view's embedding now). Until the
+memory first fills, the centroids are random unit vectors. The memory needs rows for every centroid (the
+paper clusters about 400 images per centroid; here ``memory_length >= K`` is checked, and ~10-30 per centroid
+is the practical range on a CPU).
 
 Centroids are buffers, not parameters (no gradient, no optimizer state); they are what the prototype store
 publishes. Health: the entropy of the batch's cluster histogram and the clusters in use (as SwAV's codes);
@@ -77,6 +81,7 @@ class DeepClusterV2(Method):
         self.register_buffer("memory_fill", torch.zeros((), dtype=torch.long))  # rows written, capped at length
         self.register_buffer("memory_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_refresh", torch.full((), -1, dtype=torch.long))  # step of the last k-means
+        self._seeds = torch.Generator().manual_seed(cfg.seed)  # k-means' starting rows, saved with the method
         self._emb: Tensor | None = None
 
     def loss(self, views: Sequence[Tensor], mark: Mark, step: int,
@@ -115,9 +120,18 @@ class DeepClusterV2(Method):
 
     @torch.no_grad()
     def refresh(self, step: int) -> None:
-        """k-means on the memory, from the current centroids."""
-        self.centroids.copy_(spherical_kmeans(self.memory, self.centroids, self.settings.kmeans_iters))
+        """k-means on the memory, from K of its rows drawn at random."""
+        k = self.centroids.shape[0]
+        start = self.memory[torch.randperm(self.memory.shape[0], generator=self._seeds)[:k].to(self.memory.device)]
+        self.centroids.copy_(spherical_kmeans(self.memory, start, self.settings.kmeans_iters))
         self.last_refresh.fill_(step)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"kmeans_seeds": self._seeds.get_state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "kmeans_seeds" in state:
+            self._seeds.set_state(state["kmeans_seeds"])
 
     def published(self) -> Tensor:
         return self.centroids
