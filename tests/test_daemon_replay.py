@@ -139,3 +139,14 @@ def test_a_sample_the_multicrop_drops_leaves_the_replay_buffer() -> None:
     assert batches and all(len(b.ids) == 4 and "u#k3" not in b.ids for b in batches)
     with pytest.raises(queue.Empty):
         feeder.out.get_nowait()
+
+
+@pytest.mark.parametrize("source", ["folder", "demo"])
+def test_replay_on_a_followed_folder_and_on_the_demo_stream(tmp_path: Path, source: str) -> None:
+    urls = [f'source.urls=["{Path(make_shards(tmp_path, 3)[0]).parent}"]'] if source == "folder" else []
+    registry = CollectorRegistry()
+    summary = Daemon(config(tmp_path, *urls, "replay.policy=reservoir", *REPLAY, "run.max_steps=3"),
+                     registry=registry, echo=lambda _: None).run()
+    assert summary.steps == 3 and summary.error is None
+    assert registry.get_sample_value("streamssl_replay_draws_total") >= 24
+    assert CheckpointManager(tmp_path / "run").load()["replay"]["buffer"]["policy"] == "reservoir"
