@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-bf16", action="store_true", help="The trunk's forward under bfloat16 in evaluation.")
     p.add_argument("--eval-size", type=int, default=0)
     p.add_argument("--skip-train", action="store_true", help="Evaluate the runs already in WORKDIR.")
+    p.add_argument("--table", action="store_true", help="Print the table of WORKDIR/results.json and stop.")
     args = p.parse_args(argv)
     args.streams = [s for s in args.streams.split(",") if s]
     args.policies = [s for s in args.policies.split(",") if s]
@@ -203,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                                "command": [sys.executable, *sys.argv], "runs": {}}
     if results_path.is_file():  # runs of earlier invocations in this workdir stay in the table
         results["runs"] = json.loads(results_path.read_text()).get("runs", {})
+    if args.table:
+        print(markdown(results))
+        return 0
     train_set, test_set = load_splits(f"fashion-mnist:{args.fashion_mnist}")
     for stream in args.streams:
         pattern = pack(args.workdir, args.fashion_mnist, stream)
