@@ -66,3 +66,20 @@ def view_stream(batch_size: int, sizes: Sequence[int], n_views: Sequence[int], *
     while True:
         images, _ = clustered_images(batch_size, n_clusters, image_size, generator)
         yield make_views(images, sizes, n_views, generator)
+
+
+class ListStream:
+    """Just enough of a SampleStream for the feeder: a list of samples, then the end."""
+
+    def __init__(self, samples: Sequence) -> None:
+        self.samples = list(samples)
+        self.closed = False
+
+    def __iter__(self) -> Iterator:
+        return iter(self.samples)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self.closed = True

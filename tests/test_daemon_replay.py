@@ -18,6 +18,7 @@ from streamssl.service.feeder import END, Feeder, make_data_path
 from streamssl.stream.redis_source import publish_urls
 from streamssl.stream.replay import ReplayBuffer, ReplayStream
 from streamssl.stream.shards import Sample
+from tests.synthetic import ListStream
 from tests.test_daemon import config, make_shards
 
 REPLAY = ["replay.max_samples=24", "replay.min_fill=12", "replay.ratio=2", "metrics.port=-1"]
@@ -96,22 +97,6 @@ def test_a_shard_is_acked_only_when_a_checkpointed_buffer_holds_its_samples(tmp_
     Daemon(config(tmp_path, *common, "run.max_images=40"), echo=lambda _: None).run()
     later, buffered = acked_and_buffered()
     assert len(later) > len(acked) and all(buffered[u] == 8 for u in later), (later, buffered)
-
-
-class ListStream:
-    """The part of a SampleStream the feeder uses, over a list."""
-
-    def __init__(self, samples: list[Sample]) -> None:
-        self.samples = samples
-
-    def __iter__(self):
-        return iter(self.samples)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 def test_a_sample_the_multicrop_drops_leaves_the_replay_buffer() -> None:

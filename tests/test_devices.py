@@ -9,6 +9,7 @@ import torch
 
 import streamssl.devices as devices
 from streamssl.devices import StepTimer, pick_device, use_device
+from tests.synthetic import ListStream
 
 
 def test_a_cuda_device_always_carries_its_index() -> None:
@@ -60,23 +61,6 @@ def test_step_timer_on_cuda_times_the_gpu_work() -> None:
     assert 0 < parts["small"] < parts["big"]
 
 
-class _Stream:
-    """Just enough of a SampleStream for the feeder: three samples, then the end."""
-
-    def __init__(self) -> None:
-        self.samples = [type("S", (), {"data": b"x%d" % i, "id": f"s#{i}"})() for i in range(3)]
-        self.closed = False
-
-    def __iter__(self):
-        return iter(self.samples)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def close(self) -> None:
-        self.closed = True
-
-
 class _MultiCrop:
     def __init__(self) -> None:
         self.closed_in: str | None = None
@@ -99,7 +83,8 @@ def test_the_feeder_thread_binds_the_run_device_then_releases_the_multicrop(monk
     bound: list[tuple[str, torch.device]] = []
     monkeypatch.setattr(feeder_module, "use_device", lambda d: bound.append((threading.current_thread().name, d)))
     multicrop = _MultiCrop()
-    feeder = Feeder(_Stream(), multicrop, 2, 4, device=torch.device("cuda", 1))
+    samples = [type("S", (), {"data": b"x%d" % i, "id": f"s#{i}"})() for i in range(3)]
+    feeder = Feeder(ListStream(samples), multicrop, 2, 4, device=torch.device("cuda", 1))  # type: ignore[arg-type]
     feeder.start()
     feeder.join(timeout=10)
     items = []
