@@ -343,7 +343,7 @@ def test_npid_memory_update_is_the_papers_moving_average() -> None:
     method.bank[:4] = unit(4)
     method.bank_keys[:4] = torch.arange(4) + 100
     old, f = method.bank[:4].clone(), unit(4)
-    method._pending = (torch.tensor([100, 101, 7, 8]), torch.tensor([0, 1, -1, -1]), f)
+    method._pending = (torch.tensor([100, 101, 7, 8]), f)  # keys 100 and 101 are in the bank (slots 0, 1)
     method.bank_ptr.fill_(4)
     method.after_update(0)
     torch.testing.assert_close(method.bank[:2], torch.nn.functional.normalize(0.5 * old[:2] + 0.5 * f[:2], dim=1))

@@ -25,6 +25,7 @@ from streamssl.config.sections import (
     Config,
     ConfigError,
     DeepClusterConfig,
+    DistConfig,
     LearnerConfig,
     MetricsConfig,
     MoCoConfig,
@@ -40,7 +41,7 @@ from streamssl.config.sections import (
 
 __all__ = [
     "DEBUG_ENV", "DEFAULT_PROFILE", "ENV_PREFIX", "SECTIONS", "AugmentConfig", "BYOLConfig", "CheckpointConfig",
-    "CollapseConfig", "Config", "ConfigError", "DeepClusterConfig", "LearnerConfig", "MetricsConfig", "MoCoConfig",
-    "ModelConfig", "NPIDConfig", "ProbeConfig", "ReplayConfig", "RunConfig", "SimCLRConfig", "SourceConfig",
-    "StoreConfig", "describe", "env_layer", "find_profile", "overrides_layer", "resolve",
+    "CollapseConfig", "Config", "ConfigError", "DeepClusterConfig", "DistConfig", "LearnerConfig", "MetricsConfig",
+    "MoCoConfig", "ModelConfig", "NPIDConfig", "ProbeConfig", "ReplayConfig", "RunConfig", "SimCLRConfig",
+    "SourceConfig", "StoreConfig", "describe", "env_layer", "find_profile", "overrides_layer", "resolve",
 ]

@@ -167,7 +167,8 @@ class LearnerConfig:
     sinkhorn_iters: int = _f(3, "Sinkhorn-Knopp iterations.", ge=1)
     crops_for_assign: tuple[int, ...] = _f((0, 1), "Views whose codes are predicted (the global ones).")
     queue_length: int = _f(0, "Queue rows Q per assignment view. Use it when B < K/ a few: it enlarges the "
-                           "Sinkhorn problem so equipartition is meaningful. 0: off.", ge=0)
+                           "Sinkhorn problem so equipartition is meaningful. The whole job's: each of N ranks "
+                           "keeps Q/N rows of its own batches (as the authors split it). 0: off.", ge=0)
     queue_start_step: int = _f(0, "First step the (full) queue may be used. Let features settle first.", ge=0)
     freeze_prototypes_steps: int = _f(0, "Prototypes get no update for this many steps.", ge=0)
     optimizer: str = _f("lars", "lars (large batches), sgd or adamw (small batches, short runs).",
@@ -269,6 +270,20 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class DistConfig:
+    """Several processes under torchrun (streamssl/distributed.py; docs/architecture.md, "Many processes")."""
+
+    sync_bn: bool = _f(True, "Batch norm over the whole job's batch (the papers' multi-GPU recipe; what makes N "
+                       "ranks compute the step of one process on their concatenated batches).")
+    backend: str = _f("auto", "auto (nccl on GPUs, gloo on CPUs), nccl or gloo.", choices=("auto", "nccl", "gloo"))
+    timeout_s: float = _f(600.0, "A collective that waits longer than this fails the job with torch's error "
+                          "(a rank that died or hangs), so that torchrun can restart it from the checkpoint.",
+                          gt=0)
+    wait_log_s: float = _f(60.0, "Ranks wait together while one has no batch (its source idle); say so every "
+                           "this many seconds.", gt=0)
+
+
+@dataclass(frozen=True)
 class ProbeConfig:
     """Online kNN probe of the live trunk (probe.py), shown as a metric while the daemon runs."""
 
@@ -318,6 +333,7 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self) -> None:
         n_views = sum(self.augment.n_views)

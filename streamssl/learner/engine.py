@@ -6,6 +6,12 @@ reads of the device a step), and a guard for a process that must never stop: a s
 are not finite is skipped and counted, leaving every parameter, buffer, optimizer state and method state
 bit-for-bit as it was. The method (learner/methods/) supplies the network, the objective and its hooks.
 
+Several processes (torchrun; streamssl/distributed.py): the method's batch norm made job-wide (sync_bn.py),
+gradients averaged by DDP, and the step's numbers (the finite check, the loss, the diagnostics, the images)
+all-reduced in one collective before the update is decided, so every rank skips the same steps and sees
+the same numbers (the loss and diagnostics are the mean over ranks): the daemon's decisions that follow
+from them (collapse, non-finite streaks) are taken identically everywhere, with no further message.
+
 The engine knows nothing of data loading, Redis, metrics or the CLI: it takes tensors and returns numbers.
 """
 
@@ -15,19 +21,23 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from streamssl import distributed
 from streamssl.config import LearnerConfig, ModelConfig
 from streamssl.devices import StepTimer, native_bf16
 from streamssl.learner.methods import make_method
 from streamssl.learner.methods.base import Method
 from streamssl.learner.methods.sinkhorn import Reduce
 from streamssl.learner.optim import build_optimizer, lr_at, set_lr
+from streamssl.learner.sync_bn import convert_sync_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,7 @@ class StepStats:
     times: dict[str, float] = field(default_factory=dict)  # the method's parts, then ENGINE_PARTS
     total_s: float = 0.0
     embeddings: Tensor | None = None  # (B, D) of the first view, detached, on the device; None when skipped
+    all_images: int = 0  # images of the step on every rank together (n_images with one process)
 
     @property
     def trunk_s(self) -> float:
@@ -68,6 +79,28 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
+class _Objective(nn.Module):
+    """What DDP wraps: its forward is the method's loss (DDP needs the forward it prepares to go through it)."""
+
+    def __init__(self, method: Method) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, views: Sequence[Tensor], mark: Any, step: int,
+                ids: Sequence[str] | None) -> tuple[Tensor, dict[str, Tensor | float]]:
+        return self.method.loss(views, mark, step, ids)
+
+
+def _ddp(method: Method, device: torch.device) -> DDP:
+    """DDP around the method's loss. Per-rank state (SwAV's queue) stays per rank: ``broadcast_buffers=False``
+    (torch 2.14 deprecates it for ``forward_sync_buffers``, which would still broadcast them at start: the
+    replacement it names for rank-local buffers is not there yet)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DDP(_Objective(method), device_ids=[device.index] if device.type == "cuda" else None,
+                   broadcast_buffers=False)
+
+
 class Learner:
     """A method, its optimizer and the step counter.
 
@@ -76,14 +109,19 @@ class Learner:
         cfg: optimisation (optimizer, schedule, bf16).
         device: where the method lives; views are moved there.
         channels_last: convolutions in NHWC memory format.
+        sync_bn: with a process group, batch norm over every rank's batch.
     """
 
     def __init__(self, method: Method, cfg: LearnerConfig, *, device: str | torch.device = "cpu",
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, sync_bn: bool = True) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.world_size = torch.distributed.get_world_size() if distributed.initialized() else 1
+        if self.world_size > 1 and sync_bn:
+            method = convert_sync_batchnorm(method, self.device)
         self.method = method.to(self.device, memory_format=self.memory_format)
+        self._ddp = _ddp(self.method, self.device) if self.world_size > 1 else None
         self.optimizer = build_optimizer(method.param_groups(cfg.weight_decay), cfg)
         self.step_count = 0
         self.n_skipped = 0
@@ -95,14 +133,16 @@ class Learner:
 
     @classmethod
     def build(cls, model_cfg: ModelConfig, cfg: LearnerConfig, *, device: str | torch.device = "cpu",
-              reduce: Reduce | None = None, settings: Any = None) -> Learner:
+              reduce: Reduce | None = None, settings: Any = None, sync_bn: bool = True) -> Learner:
         """The configured method (``learner.method``, with its section ``settings``), initialised from
         ``learner.seed`` without touching the caller's RNG, and its engine."""
         device = torch.device(device)
+        if reduce is None and distributed.initialized():
+            reduce = distributed.reduce_for_sinkhorn  # SwAV's Sinkhorn sums over every rank's rows
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             method = make_method(model_cfg, cfg, device=device, reduce=reduce, settings=settings)
-        return cls(method, cfg, device=device, channels_last=model_cfg.channels_last)
+        return cls(method, cfg, device=device, channels_last=model_cfg.channels_last, sync_bn=sync_bn)
 
     @property
     def model(self) -> Method:
@@ -135,7 +175,7 @@ class Learner:
         method.train()
         views = [v.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format) for v in views]
         with self._autocast():
-            loss, diagnostics = method.loss(views, timer.mark, step, ids)
+            loss, diagnostics = (self._ddp or method.loss)(views, timer.mark, step, ids)
 
         loss.backward()  # a non-finite loss gives non-finite gradients: the one check below catches both
         method.after_backward(step)
@@ -146,6 +186,14 @@ class Learner:
         finite = torch.isfinite(loss.detach())
         if grads:
             finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        names = [k for k, v in diagnostics.items() if isinstance(v, Tensor)]
+        shared = None
+        if self._ddp is not None:  # the finite flag, loss, diagnostics and images of every rank, in one collective
+            shared = torch.stack([(~finite).float(), loss.detach().float(),
+                                  *(diagnostics[k].detach().float() for k in names),
+                                  torch.tensor(float(batch), device=loss.device)])
+            shared = distributed.all_reduce_(shared).tolist()
+            finite = torch.tensor(shared[0] == 0)
         skipped = not bool(finite)
         if skipped:
             self.n_skipped += 1
@@ -161,15 +209,19 @@ class Learner:
             method.after_update(step)
         timer.mark("update")
 
-        # Every number of the step in one transfer (on CUDA: the second and last wait).
-        names = [k for k, v in diagnostics.items() if isinstance(v, Tensor)]
-        values = torch.stack([loss.detach().float(), *(diagnostics[k].detach().float() for k in names)]).tolist()
+        # Every number of the step in one transfer (on CUDA: the second and last wait); several ranks: their mean.
+        if shared is None:
+            values = torch.stack([loss.detach().float(), *(diagnostics[k].detach().float() for k in names)]).tolist()
+            all_images = batch
+        else:
+            values = [v / self.world_size for v in shared[1:-1]]
+            all_images = int(shared[-1])
         read = {k: float(v) for k, v in diagnostics.items() if not isinstance(v, Tensor)}
         read |= {k: v + 0.0 for k, v in zip(names, values[1:], strict=True)}  # + 0.0: no "-0.000" in progress
         return StepStats(step=self.step_count, n_images=batch, loss=values[0] if not skipped else math.nan, lr=lr,
                          skipped=skipped, diagnostics={k: read[k] for k in diagnostics}, times=timer.read(),
                          total_s=time.perf_counter() - t_start,
-                         embeddings=None if skipped else method.embeddings)
+                         embeddings=None if skipped else method.embeddings, all_images=all_images)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue learning: the method's network and state, optimizer and counters."""

@@ -14,6 +14,10 @@ batch-norm statistics (which would let the model cheat). Where one process holds
 used here (as in the authors' single-GPU demos): the key encoder sees the keys in a random order, in
 ``moco.bn_splits`` groups with batch-norm statistics of their own, then the order is restored.
 
+Several ranks: every rank pushes the keys of the whole job's batch (gathered), so the queues stay identical;
+the shuffle stays per rank, and with ``dist.sync_bn`` the key encoder's groups are normalised over every
+rank's group of the same index.
+
 Health: the spread of the query embeddings across the batch; the negatives make collapse rare, and a recovery
 is the rollback alone.
 """
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from streamssl.config import LearnerConfig, MoCoConfig, ModelConfig
+from streamssl.distributed import gather
 from streamssl.learner.methods.base import (
     EMBEDDING_STD,
     Mark,
@@ -107,7 +112,7 @@ class MoCo(Method):
                               self.settings.temperature) for v in range(n_views) for t in (0, 1) if t != v]
             loss = torch.stack(terms).mean()
         mark("loss")
-        self._keys = keys
+        self._keys = gather(keys)  # the queue takes every rank's keys, as in the authors' code (identical queues)
         return loss, {"embedding_std": embedding_std(z)}
 
     @torch.no_grad()

@@ -14,6 +14,9 @@ overwritten first. An instance not in the bank (the common case on a stream that
 replay buffer feeds it again) takes the other global view's embedding, without gradient, as its positive,
 and enters the bank after the update. Views that come without ids (benchmarks) are all new instances.
 
+Several ranks: the in-batch negatives are the whole job's batch, and every rank writes every rank's
+instances into its bank (the same draws of negatives on identical banks), so the banks stay identical.
+
 Diagnostics: the spread of the embeddings across the batch (the health signal; recovery: the rollback) and
 the share of the batch already in the bank.
 """
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from streamssl.config import LearnerConfig, ModelConfig, NPIDConfig
+from streamssl.distributed import gather, rank_offset
 from streamssl.learner.methods.base import (
     EMBEDDING_STD,
     Diagnostic,
@@ -69,7 +73,7 @@ class NPID(Method):
         self.register_buffer("bank_keys", torch.full((length,), EMPTY, dtype=torch.long))
         self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
         self._negatives = torch.Generator().manual_seed(cfg.seed)  # its own draws, saved with the method
-        self._pending: tuple[Tensor, Tensor, Tensor] | None = None  # (keys, slots, embeddings) to write
+        self._pending: tuple[Tensor, Tensor] | None = None  # (keys, embeddings) to write
 
     def _keys(self, ids: Sequence[str] | None, batch: int, device: torch.device) -> Tensor:
         if ids is None or len(ids) != batch:
@@ -92,13 +96,16 @@ class NPID(Method):
             seen = match.any(dim=1)  # (B,)
             slot = match.float().argmax(dim=1)  # the instance's slot where seen
             memory = self.bank[slot].detach()
-            own_pair = torch.eye(batch, dtype=torch.bool, device=f.device)
+            # the other images' views (of every rank's batch) are negatives; an image's own other view is not
+            offset = rank_offset(batch)
+            others = {0: gather(f1.detach()), 1: gather(f0.detach())}  # (B_all, D)
+            own_pair = (torch.arange(batch, device=f.device)[:, None] + offset
+                        == torch.arange(others[0].shape[0], device=f.device)[None, :])
             losses, proximal = [], []
-            for own, other in ((f0, f1), (f1, f0)):
+            for i, (own, other) in enumerate(((f0, f1), (f1, f0))):
                 positive = torch.where(seen[:, None], memory, other.detach())  # (B, D)
                 negatives = self._negative_rows(f.device)  # (N, D), may be empty
-                # the other images' views are negatives; an image's own other view is not
-                in_batch = (own @ other.detach().T).masked_fill(own_pair, float("-inf"))  # (B, B)
+                in_batch = (own @ others[i].T).masked_fill(own_pair, float("-inf"))  # (B, B_all)
                 logits = torch.cat([(own * positive).sum(dim=1, keepdim=True), own @ negatives.T, in_batch],
                                    dim=1)  # (B, 1 + N + B)
                 losses.append(F.cross_entropy(logits / s.temperature,
@@ -106,7 +113,7 @@ class NPID(Method):
                 proximal.append(((own - memory) ** 2).sum(dim=1)[seen].sum() / batch)
             loss = torch.stack(losses).mean() + s.proximal * torch.stack(proximal).mean()
         mark("loss")
-        self._pending = (keys, torch.where(seen, slot, -1), F.normalize((f0 + f1).detach(), dim=1))
+        self._pending = (gather(keys), gather(F.normalize((f0 + f1).detach(), dim=1)))  # every rank's
         return loss, {"embedding_std": embedding_std(z), "memory_hit": seen.float().mean()}
 
     def _negative_rows(self, device: torch.device) -> Tensor:
@@ -121,9 +128,13 @@ class NPID(Method):
     def after_update(self, step: int) -> None:
         if self._pending is None:
             return
-        keys, slots, f = self._pending
+        keys, f = self._pending
         self._pending = None
-        seen = slots >= 0
+        # Found again here (the bank has not changed since the loss): with several ranks every rank writes the
+        # whole job's batch in the same order, so the banks stay identical.
+        match = (keys[:, None] == self.bank_keys[None, :]) & (keys[:, None] >= 0)
+        seen = match.any(dim=1)
+        slots = match.float().argmax(dim=1)
         if seen.any():  # v <- normalise(m v + (1 - m) f)
             m = self.settings.memory_momentum
             self.bank[slots[seen]] = F.normalize(m * self.bank[slots[seen]] + (1 - m) * f[seen], dim=1)

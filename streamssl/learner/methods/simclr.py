@@ -21,23 +21,34 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from streamssl.config import LearnerConfig, ModelConfig, SimCLRConfig
+from streamssl.distributed import gather_with_grad, initialized, rank_offset
 from streamssl.learner.methods.base import EMBEDDING_STD, Mark, Method, embedding_std, features_by_size, make_encoder
 
 
-def nt_xent(z: Tensor, n_views: int, temperature: float) -> Tensor:
+def nt_xent(z: Tensor, n_views: int, temperature: float, z_all: Tensor | None = None, offset: int = 0) -> Tensor:
     """NT-Xent of (V*B, D) embeddings, view-major (row v*B + i is view v of image i).
 
     For each anchor, ``-mean over its positives of log softmax(sim / T)`` over every other row (never itself);
-    the mean over all V*B anchors. V = 2 is the paper's loss exactly.
+    the mean over all V*B anchors. V = 2 is the paper's loss exactly. Several ranks: ``z_all`` is every rank's
+    ``z`` (a gather, in rank order, each block view-major) and ``offset`` where this rank's rows start in it:
+    the anchors are this rank's rows, the other rows come from the whole job's batch, as in the paper's
+    multi-core training.
     """
     n = z.shape[0]
     batch = n // n_views
     z = F.normalize(z.float(), dim=1)
-    sim = (z @ z.T) / temperature  # (VB, VB)
-    sim = sim.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
+    keys = z if z_all is None else F.normalize(z_all.float(), dim=1)
+    sim = (z @ keys.T) / temperature  # (VB, M)
+    rows = torch.arange(n, device=z.device) + offset
+    cols = torch.arange(keys.shape[0], device=z.device)
+    itself = rows[:, None] == cols[None, :]
+    sim = sim.masked_fill(itself, float("-inf"))
     log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
-    image = torch.arange(n, device=z.device) % batch
-    positive = (image[:, None] == image[None, :]) & ~torch.eye(n, dtype=torch.bool, device=z.device)
+
+    def image(i: Tensor) -> Tensor:  # the image a row shows: its rank's block, then its index in the batch
+        return (i // n) * batch + (i % n) % batch
+
+    positive = (image(rows)[:, None] == image(cols)[None, :]) & ~itself
     return -(log_prob.masked_fill(~positive, 0.0).sum(dim=1) / (n_views - 1)).mean()
 
 
@@ -66,7 +77,8 @@ class SimCLR(Method):
         mark("forward")
         self.embeddings = z[:views[0].shape[0]].detach()
         with torch.autocast(z.device.type, enabled=False):
-            loss = nt_xent(z, len(views), self.settings.temperature)
+            z_all = gather_with_grad(z) if initialized() else None  # negatives from every rank
+            loss = nt_xent(z, len(views), self.settings.temperature, z_all, rank_offset(z.shape[0]))
         mark("loss")
         return loss, {"embedding_std": embedding_std(z)}
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from streamssl.config import LearnerConfig, ModelConfig
+from streamssl.distributed import initialized
 from streamssl.learner.methods.base import Diagnostic, Mark, Method, features_by_size, make_encoder
 from streamssl.learner.methods.sinkhorn import Reduce, sinkhorn
 from streamssl.learner.methods.swav_loss import swapped_prediction_loss
@@ -61,7 +62,9 @@ class SwAV(Method):
         self.trunk, self.feature_dim, self.head, self.embed_dim = make_encoder(model_cfg)
         self.prototypes = nn.Linear(self.embed_dim, model_cfg.n_prototypes, bias=False)
         self.normalize_prototypes()
-        self.queue = (FeatureQueue(len(cfg.crops_for_assign), cfg.queue_length, self.embed_dim,
+        # The queue is the job's: each of N ranks keeps Q/N rows of its own batches, and Sinkhorn's sums
+        # over ranks (``reduce``) see all Q, as in the authors' code.
+        self.queue = (FeatureQueue(len(cfg.crops_for_assign), queue_rows(cfg.queue_length), self.embed_dim,
                                    start_step=cfg.queue_start_step, device=device)
                       if cfg.queue_length else None)
         self._assign_index = torch.tensor(cfg.crops_for_assign, device=device)
@@ -161,6 +164,12 @@ class SwAV(Method):
         return f"eps back to {self.epsilon:.3f}"
 
 
+def queue_rows(length: int) -> int:
+    """This rank's share of a job-wide queue of ``length`` rows."""
+    world = torch.distributed.get_world_size() if initialized() else 1
+    return max(1, length // world)
+
+
 def max_code_entropy(n_images: int, n_assign: int, n_prototypes: int) -> float:
     """Largest possible entropy of a hard code histogram over n_images x n_assign codes: ln(min(B x A, K))."""
     return math.log(max(2, min(n_images * n_assign, n_prototypes)))
@@ -180,4 +189,4 @@ def label_usage(hard: Tensor) -> tuple[Tensor, Tensor]:
     return -torch.special.xlogy(p, p).sum(), in_use
 
 
-__all__ = ["COSINE_SPREAD", "SwAV", "hard_code_usage", "label_usage", "max_code_entropy"]
+__all__ = ["COSINE_SPREAD", "SwAV", "hard_code_usage", "label_usage", "max_code_entropy", "queue_rows"]
