@@ -40,11 +40,7 @@ from streamssl.errors import RuntimeFailure, StreamsslError
 from streamssl.learner.engine import ENGINE_PARTS, Learner, StepStats
 from streamssl.learner.methods import method_settings
 from streamssl.service.checkpoint import (
-    CheckpointError,
     CheckpointManager,
-    CheckpointWriteError,
-    rng_state,
-    set_rng_state,
 )
 from streamssl.service.feeder import Batch, Feeder, make_data_path
 from streamssl.service.metrics import Metrics
@@ -52,7 +48,7 @@ from streamssl.service.metrics_server import MetricsServer
 from streamssl.service.probe import LiveProbe
 from streamssl.service.progress import History, ProgressWindow, format_progress
 from streamssl.service.recovery import CollapseRecovery, NonFiniteStreak
-from streamssl.service.resume import check_fits, does_not_fit
+from streamssl.service.run_state import RunState
 from streamssl.store import BackgroundWriter, open_store
 from streamssl.stream.replay import ReplayStream
 from streamssl.stream.samples import SampleStream
@@ -77,7 +73,7 @@ class RunSummary:
     error: BaseException | None = None  # why the run stopped early, after shutting down cleanly
 
 
-class Daemon:
+class Daemon(RunState):
     """Streams shards through the learner until a limit or a signal, keeping state safe and visible.
 
     Args:
@@ -169,89 +165,6 @@ class Daemon:
             self.error = exc if isinstance(exc, StreamsslError) else DataPathFailed(
                 f"the data path failed: {type(exc).__name__}: {exc}")
 
-    # ------------------------------------------------------------------ state
-
-    def restore(self) -> bool:
-        """Resume from the newest checkpoint in checkpoint.dir (when resume is on). True when it did."""
-        if not self.cfg.checkpoint.resume:
-            return False
-        # Loaded on the CPU: the learner moves its tensors to its device, and the RNG states must stay CPU
-        # tensors (torch.set_rng_state and torch.cuda.set_rng_state_all refuse CUDA ones).
-        state = self.checkpoints.load(map_location="cpu")
-        if state is None:
-            return False
-        same_source = check_fits(state["path"], state.get("config") or {}, self.cfg)
-        try:
-            self.learner.load_state_dict(state["learner"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(does_not_fit(state["path"], str(exc))) from None
-        set_rng_state(state["rng"])
-        self.position = state.get("position") if same_source else None
-        self._replay_state = state.get("replay") if same_source else None  # what arrived before the position
-        self.images = int(state.get("images", 0))
-        self._last_ckpt_step = self.learner.step_count
-        self._last_ckpt_path = state["path"]
-        self.metrics.checkpoint_written(float(state.get("saved_at", time.time())))
-        self.echo(f"resumed from {state['path']} at step {self.learner.step_count} ({self.images} images)")
-        return True
-
-    def checkpoint(self) -> str | None:
-        """Write a checkpoint of everything, then ack the shards it covers. None when the write failed: that
-        is logged and counted, training goes on, and the next interval tries again."""
-        try:
-            path = self.checkpoints.save({
-                "learner": self.learner.state_dict(), "rng": rng_state(), "position": self.position,
-                "images": self.images, "config": self.cfg.to_dict(),
-                "replay": self.replay.state_dict() if self.replay is not None else self._replay_state,
-            }, self.learner.step_count)
-        except CheckpointWriteError as exc:
-            self.metrics.checkpoint_failed()
-            self._last_ckpt_time = time.monotonic()  # retry at the next interval, not at every step
-            log.error("%s; training goes on and the next checkpoint interval tries again (the last checkpoint is "
-                      "%s; shards are acknowledged only once a checkpoint covers them)", exc, self._last_ckpt_path)
-            self.last_checkpoint_error = exc
-            return None
-        self.last_checkpoint_error = None
-        if self.stream is not None and self.position is not None:
-            self.stream.commit(self.position)
-        self._last_ckpt_time, self._last_ckpt_step, self._last_ckpt_path = (
-            time.monotonic(), self.learner.step_count, str(path))
-        self.metrics.checkpoint_written(time.time())
-        self.writer.record_checkpoint({"path": str(path), "step": self.learner.step_count, "time": time.time()})
-        return str(path)
-
-    def publish_prototypes(self) -> None:
-        """The method's published tensor (SwAV's prototypes) to the store; nothing for a method without one."""
-        published = self.learner.method.published()
-        if published is None:
-            return
-        protos = published.detach().float().cpu()
-        if self._published is not None:
-            drift = 1 - torch.nn.functional.cosine_similarity(protos, self._published, dim=1).mean()
-            self.metrics.prototype_drift(float(drift))
-        self._published = protos.clone()
-        self.writer.submit(protos.numpy(), self.learner.step_count)
-
-    def heartbeat(self, stats: StepStats | None) -> None:
-        info: dict[str, str | int | float] = {"step": self.learner.step_count, "images": self.images,
-                                               "pid": os.getpid(), "host": socket.gethostname()}
-        if stats is not None and math.isfinite(stats.loss):
-            info["loss"] = round(stats.loss, 4)
-        self.writer.heartbeat(self.learner_id, info, self.cfg.store.heartbeat_ttl_s)
-        self._last_heartbeat = time.monotonic()
-
-    def run_probe(self) -> None:
-        assert self.probe is not None
-        result = self.probe.measure(self.learner.model.trunk)
-        if result is None:
-            return
-        top1, seconds = result
-        self.metrics.probe_accuracy(top1, seconds)
-        self.history.event({"time": round(time.time(), 3), "event": "probe", "step": self.learner.step_count,
-                            "probe_top1": top1, "probe_seconds": round(seconds, 3)})
-        self.echo(f"probe   {self.learner.step_count:>7} | kNN top-1 {top1:.3f} on {len(self.probe.test_y)} images "
-                  f"({seconds:.1f} s)")
-
     # ------------------------------------------------------------------ loop
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -312,17 +225,6 @@ class Daemon:
                           last_loss=stats.loss if stats else math.nan, skipped_steps=self.learner.n_skipped,
                           stopped_by_signal=bool(self._signals), checkpoint=path, bad_samples=dict(self.bad),
                           error=self.error)
-
-    def _final_checkpoint(self, path: str | None) -> str | None:
-        if self.learner.step_count == self._last_ckpt_step:
-            return path
-        written = self.checkpoint()
-        if written is None and self.error is None:
-            self.error = RuntimeFailure(
-                f"the final checkpoint was not written ({self.last_checkpoint_error}); the training since the last "
-                f"checkpoint ({self._last_ckpt_path or 'none'}) is lost, and the shards it read are read again "
-                "after a restart")
-        return written or path
 
     def _loop(self, start: float) -> tuple[StepStats | None, int]:
         cfg = self.cfg
