@@ -140,21 +140,26 @@ def run(profile: ProfileOpt = DEFAULT_PROFILE, overrides: SetOpt = None) -> None
     """
     _logging()
     cfg = _config(profile, overrides)
+    from streamssl.distributed import world_from_env
     from streamssl.service.daemon import Daemon
+
+    world = world_from_env()  # under torchrun: rank 0 speaks for the job
+    echo = typer.echo if world.is_main else (lambda line: None)
 
     limits = [f"{n} {what}" for n, what in ((cfg.run.max_steps, "steps"), (cfg.run.max_images, "images"),
                                             (cfg.run.max_seconds, "seconds")) if n]
-    typer.echo(f"streamssl {__version__}: {cfg.model.arch}, batch {cfg.learner.batch_size}, views "
-               f"{list(cfg.augment.n_views)}x{list(cfg.augment.sizes)} px, {method_summary(cfg)}{replay_summary(cfg)}; "
-               f"{'stops after ' + ' or '.join(limits) if limits else 'runs until stopped'}")
-    typer.echo(f"watch: the progress lines below, `{status_command(profile, cfg)}`, "
-               f"`streamssl report {shlex.quote(cfg.checkpoint.dir)}` for PNG plots, and /metrics (address "
-               "below). Stop: Ctrl-C or SIGTERM (checkpoints first); again to exit at once.")
+    echo(f"streamssl {__version__}: {cfg.model.arch}, batch {cfg.learner.batch_size}, views "
+         f"{list(cfg.augment.n_views)}x{list(cfg.augment.sizes)} px, {method_summary(cfg)}{replay_summary(cfg)}; "
+         f"{'stops after ' + ' or '.join(limits) if limits else 'runs until stopped'}"
+         f"{'; ' + str(world.size) + ' ranks (torchrun), batch per rank' if world.distributed else ''}")
+    echo(f"watch: the progress lines below, `{status_command(profile, cfg)}`, "
+         f"`streamssl report {shlex.quote(cfg.checkpoint.dir)}` for PNG plots, and /metrics (address "
+         "below). Stop: Ctrl-C or SIGTERM (checkpoints first); again to exit at once.")
     summary = Daemon(cfg, echo=typer.echo).run()
     bad = ", ".join(f"{k} {v}" for k, v in sorted(summary.bad_samples.items())) or "none"
-    typer.echo(f"stopped after {summary.steps} steps ({summary.images} images in this run, {summary.seconds:.0f} s); "
-               f"last loss {summary.last_loss:.3f}; skipped steps {summary.skipped_steps}; bad samples: {bad}; "
-               f"checkpoint {summary.checkpoint}")
+    echo(f"stopped after {summary.steps} steps ({summary.images} images in this run, {summary.seconds:.0f} s); "
+         f"last loss {summary.last_loss:.3f}; skipped steps {summary.skipped_steps}; bad samples: {bad}; "
+         f"checkpoint {summary.checkpoint}")
     if summary.error is not None:  # stopped cleanly (checkpoint written) because of an error: report it
         raise summary.error
 

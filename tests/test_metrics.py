@@ -192,7 +192,8 @@ def test_probe_accuracy_is_a_fraction(registry: CollectorRegistry, metrics: Metr
 def test_build_info_and_start_time(registry: CollectorRegistry) -> None:
     before = time.time()
     Metrics(registry, arch="resnet50", method="byol")
-    assert value(registry, "streamssl_build_info", {"version": __version__, "arch": "resnet50", "method": "byol"}) == 1
+    assert value(registry, "streamssl_build_info", {"version": __version__, "arch": "resnet50", "method": "byol",
+                                                   "rank": "0", "world_size": "1"}) == 1
     assert before <= value(registry, "streamssl_daemon_start_timestamp_seconds") <= time.time()
 
 
@@ -279,7 +280,8 @@ def test_names_follow_the_convention(registry: CollectorRegistry, metrics: Metri
         if "timestamp" in fam.name or "time" in fam.name.split("_"):
             assert fam.name.endswith("_seconds"), fam.name
         labels = {k for s in fam.samples for k in s.labels} - {"le"}
-        assert labels <= {"reason", "version", "arch", "method", "part"}, f"unbounded labels on {fam.name}: {labels}"
+        bounded = {"reason", "version", "arch", "method", "part", "rank", "world_size"}  # rank: < the job's ranks
+        assert labels <= bounded, f"unbounded labels on {fam.name}: {labels}"
         # a step's parts are declared when the metrics are made: never a value from elsewhere
         assert {s.labels["part"] for s in fam.samples if "part" in s.labels} <= set(PARTS), fam.name
 

@@ -34,8 +34,10 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import Tensor
 
+from streamssl import distributed
 from streamssl.config import Config
 from streamssl.devices import pick_device, use_device
+from streamssl.distributed import world_from_env
 from streamssl.errors import RuntimeFailure, StreamsslError
 from streamssl.learner.engine import ENGINE_PARTS, Learner, StepStats
 from streamssl.learner.methods import method_settings
@@ -47,6 +49,7 @@ from streamssl.service.metrics import Metrics
 from streamssl.service.metrics_server import MetricsServer
 from streamssl.service.probe import LiveProbe
 from streamssl.service.progress import History, ProgressWindow, format_progress
+from streamssl.service.ranks import StepGate
 from streamssl.service.recovery import CollapseRecovery, NonFiniteStreak
 from streamssl.service.run_state import RunState
 from streamssl.store import BackgroundWriter, open_store
@@ -86,24 +89,32 @@ class Daemon(RunState):
     def __init__(self, cfg: Config, *, registry: CollectorRegistry | None = None,
                  views: Iterator[list[Tensor]] | None = None, echo: Callable[[str], None] = print) -> None:
         self.cfg = cfg
-        self.echo = echo
+        self.world = world_from_env()  # torchrun's RANK, WORLD_SIZE, LOCAL_RANK; one process without them
+        main = self.world.is_main
+        self.echo = echo if main else (lambda line: log.debug("rank %d: %s", self.world.rank, line))
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.device = pick_device(cfg.run.device)  # cuda always with its index: DALI and the feeder use it
+        if self.world.distributed and self.device.type == "cuda" and ":" not in cfg.run.device:
+            self.device = torch.device("cuda", self.world.local_rank)  # one GPU per rank on its machine
         use_device(self.device)
+        distributed.init(self.world, self.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
         self.checkpoints.prepare()  # a folder that cannot hold checkpoints stops the run now, not at its end
-        self.learner = Learner.build(cfg.model, cfg.learner, device=self.device, settings=method_settings(cfg))
+        self.learner = Learner.build(cfg.model, cfg.learner, device=self.device, settings=method_settings(cfg),
+                                     sync_bn=cfg.dist.sync_bn)
         method = self.learner.method
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry, arch=cfg.model.arch, method=cfg.learner.method,
                                parts=method.parts + ENGINE_PARTS,
-                               diagnostics=[(d.name, d.metric, d.help) for d in method.diagnostics])
+                               diagnostics=[(d.name, d.metric, d.help) for d in method.diagnostics],
+                               rank=self.world.rank, world_size=self.world.size)
         self.learner_id = f"{socket.gethostname()}-{os.getpid()}"
-        self.store = open_store(cfg.store, local_dir=os.path.join(cfg.checkpoint.dir, "store"),
-                                writer=self.learner_id)
-        self.writer = BackgroundWriter(self.store, on_result=self._on_store_result,
-                                       max_backoff_s=cfg.store.retry_max_s)
+        # Rank 0 alone writes the store, checkpoints and history; the other ranks hold no store at all.
+        self.writer: BackgroundWriter | None = None
+        if main:
+            store = open_store(cfg.store, local_dir=os.path.join(cfg.checkpoint.dir, "store"), writer=self.learner_id)
+            self.writer = BackgroundWriter(store, on_result=self._on_store_result, max_backoff_s=cfg.store.retry_max_s)
         self.bad = Counter[str]()
         self._views = views
         self.stream: SampleStream | None = None
@@ -122,34 +133,41 @@ class Daemon(RunState):
         self._last_ckpt_path: str | None = None
         self._last_heartbeat = 0.0
         self._published: Tensor | None = None
-        self.history = History(os.path.join(cfg.checkpoint.dir, "history.jsonl"))
+        self.history = History(os.path.join(cfg.checkpoint.dir, "history.jsonl") if main else os.devnull)
         self.recovery = CollapseRecovery(cfg, self.learner, self.metrics, self.history)
         self.nonfinite = NonFiniteStreak(cfg, self.echo, self.history)
         self.probe: LiveProbe | None = None
-        if cfg.probe.dataset:
+        if cfg.probe.dataset and main:
             self.probe = LiveProbe(cfg.probe, size=cfg.augment.sizes[0], mean=cfg.augment.mean,
                                    std=cfg.augment.std, device=self.device)
 
     # ------------------------------------------------------------------ wiring
 
     def _on_store_result(self, ok: bool, seconds: float) -> None:
+        assert self.writer is not None
         self.metrics.store_result(ok, self.writer.lag_steps)
 
     def _on_bad(self, reason: str) -> None:
         self.bad[reason] += 1
         self.metrics.bad_sample(reason)
 
-    def _data(self) -> Iterator[Batch]:
+    def _data(self, start: float) -> StepGate | None:
+        """The gate every step's batch passes (ranks agree on it: ranks.py); None with ``views`` given."""
         if self._views is not None:
-            return (Batch(v) for v in self._views)
+            return None
         self.stream, self.feeder = make_data_path(self.cfg, self.device, position=self.position,
                                                   on_bad=self._on_bad, ack=self._ack, echo=self.echo,
-                                                  replay_state=self._replay_state)
+                                                  replay_state=self._replay_state, world=self.world)
         self.replay, self._replay_state = self.feeder.replay, None
         if self.replay is not None:
             self.metrics.replay(self.replay.snapshot())  # the counters' baseline: what a checkpoint brought
         self.feeder.start()  # after self.stream is set: the feeder's first samples may ack a shard
-        return self._drain(self.feeder)
+        stream, cfg = self.stream, self.cfg
+        return StepGate(self.feeder, self.world, self._drain(self.feeder), start=start,
+                        wait_log_s=cfg.dist.wait_log_s, stopping=lambda: bool(self._signals) or (
+                            bool(cfg.run.max_seconds) and time.monotonic() - start >= cfg.run.max_seconds),
+                        due=lambda: time.monotonic() - self._last_ckpt_time > cfg.checkpoint.every_s,
+                        idle=lambda: self.metrics.set_source_idle(stream.idle_seconds()), device=self.device)
 
     def _ack(self, url: str) -> None:
         assert self.stream is not None
@@ -160,7 +178,11 @@ class Daemon(RunState):
         stream = feeder.stream
         yield from feeder.drain(lambda: bool(self._signals),
                                 lambda: self.metrics.set_source_idle(stream.idle_seconds()))
-        if feeder.error is not None:  # stopped as on SIGTERM (checkpoint, store, server), then reported
+        self._feeder_failed()
+
+    def _feeder_failed(self) -> None:
+        feeder = self.feeder
+        if feeder is not None and feeder.error is not None:  # stopped as on SIGTERM, then reported
             exc = feeder.error
             self.error = exc if isinstance(exc, StreamsslError) else DataPathFailed(
                 f"the data path failed: {type(exc).__name__}: {exc}")
@@ -182,8 +204,11 @@ class Daemon(RunState):
     def _start_server(self) -> None:
         if self.cfg.metrics.port < 0:
             return
-        self.server = MetricsServer(self.metrics, self.registry, host=self.cfg.metrics.host,
-                                    port=self.cfg.metrics.port, stall_s=self.cfg.metrics.stall_s)
+        port = self.cfg.metrics.port
+        if port > 0:
+            port += self.world.local_rank  # one /metrics per rank on a machine: port, port + 1, ...
+        self.server = MetricsServer(self.metrics, self.registry, host=self.cfg.metrics.host, port=port,
+                                    stall_s=self.cfg.metrics.stall_s)
         self.echo(f"metrics on http://{self.cfg.metrics.host}:{self.server.port}/metrics "
                   f"(health: /healthz)")
 
@@ -215,7 +240,7 @@ class Daemon(RunState):
                 path = self._final_checkpoint(path)
             self.publish_prototypes()
             self.heartbeat(stats)
-            if not self.writer.flush(timeout_s=10.0):
+            if self.writer is not None and not self.writer.flush(timeout_s=10.0):
                 log.warning("the prototype store did not take the final prototypes within 10 s")
         finally:
             self.close()
@@ -234,25 +259,30 @@ class Daemon(RunState):
             self.restore()
             self._start_server()
             self.heartbeat(None)
-            data = self._data()
+            gate = self._data(start)
+            views = (Batch(v) for v in self._views) if self._views is not None else None
+            ranks = self.world.distributed  # then the gate stops every rank at the same step (ranks.py)
             window = ProgressWindow()
-            while not self._signals:
+            while ranks or not self._signals:
                 used = self.budget_used(time.monotonic() - start)
-                if used is not None and used >= 1.0:
+                if used is not None and used >= 1.0 and not ranks:
                     break
                 t = time.monotonic()
-                batch = next(data, None)
+                batch = gate.next() if gate is not None else next(views, None)  # type: ignore[arg-type]
                 wait_s = time.monotonic() - t
                 if batch is None:
                     break
-                stats = self.learner.step(batch.views, progress=self.budget_used(time.monotonic() - start),
-                                          ids=batch.ids)
+                elapsed = gate.elapsed_s if gate is not None else time.monotonic() - start
+                used = self.budget_used(elapsed)  # ranks: the job's clock, the same on every rank
+                if ranks and used is not None and used >= 1.0:
+                    break
+                stats = self.learner.step(batch.views, progress=used, ids=batch.ids)
                 if batch.position is not None:
                     self.position = batch.position
                 if self.replay is not None and stats.embeddings is not None and batch.ids:
                     self.replay.update_embeddings(batch.ids, stats.embeddings)  # MinRed's; the others ignore them
-                self.images += stats.n_images
-                n_images_run += stats.n_images
+                self.images += stats.all_images  # every rank's: budgets and resume count the job's images
+                n_images_run += stats.all_images
                 window.add(stats.n_images, wait_s)
                 self.metrics.observe_step(n_images=stats.n_images, loss=stats.loss, lr=stats.lr,
                                           step_s=stats.total_s, data_wait_s=wait_s, skipped=stats.skipped,
@@ -284,9 +314,11 @@ class Daemon(RunState):
                     self.publish_prototypes()
                 if time.monotonic() - self._last_heartbeat > cfg.store.heartbeat_ttl_s / 3:
                     self.heartbeat(stats)
-                if step != self._last_ckpt_step and (step % cfg.checkpoint.every_steps == 0 or
-                                                     time.monotonic() - self._last_ckpt_time > cfg.checkpoint.every_s):
+                time_due = (gate.checkpoint_due if ranks and gate is not None
+                            else time.monotonic() - self._last_ckpt_time > cfg.checkpoint.every_s)
+                if step != self._last_ckpt_step and (step % cfg.checkpoint.every_steps == 0 or time_due):
                     self.checkpoint()
+            self._feeder_failed()
         finally:
             if self.feeder is not None:
                 self.feeder.stop()
@@ -296,7 +328,10 @@ class Daemon(RunState):
         if self.feeder is not None:
             self.feeder.stop()
             self.feeder.join(timeout=10)
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         self.history.close()
         if self.server is not None:
             self.server.close()
+        if self.world.distributed:
+            distributed.shutdown()

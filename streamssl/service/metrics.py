@@ -63,7 +63,8 @@ streamssl_replay_refused_total (counter)                arrivals not kept (reser
 streamssl_replay_draws_total (counter)                  samples drawn from the buffer for training
 streamssl_daemon_start_timestamp_seconds (gauge)        unix time the metrics were created (run start);
                                                         alerts use it to spare a warming-up run
-streamssl_build_info (info; version, arch, method)      always 1; streamssl version, trunk arch, method
+streamssl_build_info (info; version, arch, method,      always 1; streamssl version, trunk arch, method, and
+  rank, world_size)                                     this process's rank of the job's (0 of 1 alone)
 
 Histograms also expose ``_bucket``, ``_sum`` and ``_count``; counters and histograms ``_created``.
 
@@ -123,6 +124,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, *, arch: str = "unknown", method: str = "swav",
                  diagnostics: Sequence[tuple[str, str, str]] = (), parts: Sequence[str] = (),
+                 rank: int = 0, world_size: int = 1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self._clock = clock
@@ -205,8 +207,10 @@ class Metrics:
         self.start_time = Gauge("streamssl_daemon_start_timestamp_seconds", "Unix time this run's metrics were "
                                 "created.", registry=r)
         self.start_time.set(time.time())
-        self.build = Info("streamssl_build", "streamssl version, model trunk architecture and method.", registry=r)
-        self.build.info({"version": __version__, "arch": arch, "method": method})
+        self.build = Info("streamssl_build", "streamssl version, model trunk architecture, method, and this "
+                          "process's rank of the job's world_size.", registry=r)
+        self.build.info({"version": __version__, "arch": arch, "method": method, "rank": str(rank),
+                         "world_size": str(world_size)})
 
     # -- called by the daemon ------------------------------------------------------------------------------
 

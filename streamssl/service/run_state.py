@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+from streamssl import distributed
 from streamssl.errors import RuntimeFailure
 from streamssl.learner.engine import StepStats
 from streamssl.service.checkpoint import CheckpointError, CheckpointWriteError, rng_state, set_rng_state
+from streamssl.service.ranks import rank_part, take_rank_part
 from streamssl.service.resume import check_fits, does_not_fit
 
 log = logging.getLogger("streamssl.service.daemon")
@@ -33,17 +35,22 @@ class RunState:
             return False
         # Loaded on the CPU: the learner moves its tensors to its device, and the RNG states must stay CPU
         # tensors (torch.set_rng_state and torch.cuda.set_rng_state_all refuse CUDA ones).
-        state = self.checkpoints.load(map_location="cpu")
+        # Several ranks: rank 0 reads it and hands it to the others (only rank 0 needs the checkpoint folder).
+        state = self.checkpoints.load(map_location="cpu") if self.world.is_main else None
+        state = distributed.broadcast_object(state)
         if state is None:
             return False
         same_source = check_fits(state["path"], state.get("config") or {}, self.cfg)
+        learner_state, part = state["learner"], take_rank_part(state, self.world, self.learner.method)
+        if "ranks" in state or self.world.distributed:
+            learner_state = {**learner_state, "extra": part["extra"]}  # this rank's own method state
         try:
-            self.learner.load_state_dict(state["learner"])
+            self.learner.load_state_dict(learner_state)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(does_not_fit(state["path"], str(exc))) from None
-        set_rng_state(state["rng"])
-        self.position = state.get("position") if same_source else None
-        self._replay_state = state.get("replay") if same_source else None  # what arrived before the position
+        set_rng_state(part["rng"])
+        self.position = part["position"] if same_source else None
+        self._replay_state = part["replay"] if same_source else None  # what arrived before the position
         self.images = int(state.get("images", 0))
         self._last_ckpt_step = self.learner.step_count
         self._last_ckpt_path = state["path"]
@@ -54,12 +61,24 @@ class RunState:
     def checkpoint(self) -> str | None:
         """Write a checkpoint of everything, then ack the shards it covers. None when the write failed: that
         is logged and counted, training goes on, and the next interval tries again."""
+        state = {"learner": self.learner.state_dict(), "rng": rng_state(), "position": self.position,
+                 "images": self.images, "config": self.cfg.to_dict(),
+                 "replay": self.replay.state_dict() if self.replay is not None else self._replay_state}
         try:
-            path = self.checkpoints.save({
-                "learner": self.learner.state_dict(), "rng": rng_state(), "position": self.position,
-                "images": self.images, "config": self.cfg.to_dict(),
-                "replay": self.replay.state_dict() if self.replay is not None else self._replay_state,
-            }, self.learner.step_count)
+            if self.world.distributed:  # every rank's own part, gathered; rank 0 writes (ranks.py)
+                parts = distributed.gather_objects(rank_part(state["rng"], state["position"], state["replay"],
+                                                             self.learner.method))
+                path, message = None, None
+                if self.world.is_main:
+                    try:
+                        path = self.checkpoints.save({**state, "ranks": parts}, self.learner.step_count)
+                    except CheckpointWriteError as exc:
+                        message = str(exc)
+                path, message = distributed.broadcast_object((path and str(path), message))
+                if message is not None:
+                    raise CheckpointWriteError(message)
+            else:
+                path = self.checkpoints.save(state, self.learner.step_count)
         except CheckpointWriteError as exc:
             self.metrics.checkpoint_failed()
             self._last_ckpt_time = time.monotonic()  # retry at the next interval, not at every step
@@ -73,13 +92,14 @@ class RunState:
         self._last_ckpt_time, self._last_ckpt_step, self._last_ckpt_path = (
             time.monotonic(), self.learner.step_count, str(path))
         self.metrics.checkpoint_written(time.time())
-        self.writer.record_checkpoint({"path": str(path), "step": self.learner.step_count, "time": time.time()})
+        if self.writer is not None:
+            self.writer.record_checkpoint({"path": str(path), "step": self.learner.step_count, "time": time.time()})
         return str(path)
 
     def publish_prototypes(self) -> None:
         """The method's published tensor (SwAV's prototypes) to the store; nothing for a method without one."""
         published = self.learner.method.published()
-        if published is None:
+        if published is None or self.writer is None:  # the other ranks hold no store
             return
         protos = published.detach().float().cpu()
         if self._published is not None:
@@ -89,6 +109,8 @@ class RunState:
         self.writer.submit(protos.numpy(), self.learner.step_count)
 
     def heartbeat(self, stats: StepStats | None) -> None:
+        if self.writer is None:
+            return
         info: dict[str, str | int | float] = {"step": self.learner.step_count, "images": self.images,
                                                "pid": os.getpid(), "host": socket.gethostname()}
         if stats is not None and math.isfinite(stats.loss):

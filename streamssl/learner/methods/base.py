@@ -19,7 +19,8 @@ Each ``loss`` also leaves ``embeddings``: the (B, D) embeddings of the batch's f
 MinRed replay buffer compares samples by, at no extra forward pass).
 
 ``step`` is the index of the step being made (0 for the first). ``extra_state``/``load_extra_state`` carry
-what is not a parameter or buffer. ``published()`` is the tensor the prototype store holds (SwAV's
+what is not a parameter or buffer; with several ranks each saves its own, and ``merge_rank_states`` says
+what a rank takes when the number of ranks changed. ``published()`` is the tensor the prototype store holds (SwAV's
 prototypes, DeepCluster's centroids), or None. Collapse: ``health`` names the diagnostic the collapse monitor
 watches, ``health_max`` its healthy ceiling, ``start_recovery``/``end_recovery`` the method's own way back
 after the daemon rolled it back to a healthy snapshot.
@@ -92,6 +93,11 @@ class Method(nn.Module):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore ``extra_state``; a key it lacks (an older checkpoint) keeps the configured value."""
+
+    def merge_rank_states(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        """This rank's ``extra_state`` when a checkpoint of ``len(states)`` ranks resumes on ``world`` ranks. By
+        default rank 0's: state fed by every rank is the same on all (MoCo's queue, NPID's bank)."""
+        return states[0]
 
     def published(self) -> Tensor | None:
         return None

@@ -32,7 +32,7 @@ from streamssl.distributed import initialized
 from streamssl.learner.methods.base import Diagnostic, Mark, Method, features_by_size, make_encoder
 from streamssl.learner.methods.sinkhorn import Reduce, sinkhorn
 from streamssl.learner.methods.swav_loss import swapped_prediction_loss
-from streamssl.learner.methods.swav_queue import FeatureQueue
+from streamssl.learner.methods.swav_queue import FeatureQueue, reshard_queue
 
 # Scores are cosines of unit embeddings and unit prototypes (renormalised after every update, never changed
 # by a frozen or skipped step): they span at most 2, and a little more after bfloat16 rounding.
@@ -147,6 +147,12 @@ class SwAV(Method):
             self.queue.load_state_dict(state["queue"])
         self.epsilon = float(state.get("epsilon", self.cfg.epsilon))
         self.frozen_until = int(state.get("frozen_until", self.cfg.freeze_prototypes_steps))
+
+    def merge_rank_states(self, states: list[dict[str, Any]], rank: int, world: int) -> dict[str, Any]:
+        """The queue is the job's: every saved rank's rows, re-split over the new ranks."""
+        if self.queue is None or states[0].get("queue") is None:
+            return states[0]
+        return {**states[0], "queue": reshard_queue([s["queue"] for s in states], rank, world, self.queue.length)}
 
     def published(self) -> Tensor:
         return self.prototypes.weight

@@ -74,6 +74,12 @@ class FeatureQueue:
         self.ptr = (self.ptr + n) % self.length
         self.filled = min(self.length, self.filled + n)
 
+    def ordered(self) -> Tensor:
+        """(n_assign, filled, D): the rows written so far, oldest first."""
+        if not self.full:
+            return self.rows[:, :self.filled]
+        return torch.cat([self.rows[:, self.ptr:], self.rows[:, :self.ptr]], dim=1)
+
     def state_dict(self) -> dict[str, Any]:
         return {"rows": self.rows.clone(), "ptr": self.ptr, "filled": self.filled, "start_step": self.start_step}
 
@@ -85,3 +91,22 @@ class FeatureQueue:
         self.ptr = int(state["ptr"])
         self.filled = int(state["filled"])
         self.start_step = int(state["start_step"])
+
+
+def reshard_queue(states: list[dict[str, Any]], rank: int, world: int, length: int) -> dict[str, Any]:
+    """Rank ``rank`` of ``world``'s share (``length`` rows) of a job-wide queue saved as ``states`` by the
+    ranks of another world size: every saved row, rank by rank, and this rank's every ``world``-th of them
+    (the newest kept when they are more than ``length``)."""
+    parts = []
+    for state in states:
+        queue = FeatureQueue(state["rows"].shape[0], state["rows"].shape[1], state["rows"].shape[2])
+        queue.load_state_dict(state)
+        parts.append(queue.ordered())
+    mine = torch.cat(parts, dim=1)[:, rank::world][:, -length:]
+    out = FeatureQueue(mine.shape[0], length, mine.shape[2], start_step=int(states[0]["start_step"]))
+    if mine.shape[1]:
+        out.push(mine)
+    return out.state_dict()
+
+
+__all__ = ["FeatureQueue", "reshard_queue"]
