@@ -10,8 +10,12 @@ import re
 from urllib.parse import urlparse, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
+import braceexpand
+
 from streamssl.errors import UsageError
 
+MAX_PATTERN_URLS = 1_000_000
+"""The most URLs one brace pattern may expand to: ``{1..1000000000}`` would fill the memory, not a list."""
 REDIS_SCHEMES = ("redis://", "rediss://")
 SHARD_SCHEMES = ("", "file", "http", "https")
 
@@ -36,21 +40,74 @@ def check_url(url: str, *, allow_pipe: bool = False) -> str:
     if url.startswith("pipe:"):
         if allow_pipe:
             return url
-        raise SourceError(f"shard URL {url!r}: pipe: URLs run shell commands and are refused; set "
+        raise SourceError(f"shard URL {redact(url)!r}: pipe: URLs run shell commands and are refused; set "
                           "source.allow_pipe = true only if every producer of URLs is trusted")
     if url == "-":
         raise SourceError(f"shard URL {url!r}: reading shards from stdin is not supported")
-    scheme = urlparse(url).scheme.lower()
+    try:
+        scheme = urlparse(url).scheme.lower()
+    except ValueError as exc:  # "Invalid IPv6 URL": urllib's words, never the password
+        raise SourceError(f"shard URL {redact(url)!r}: {exc}") from None
     if scheme in SHARD_SCHEMES:
         return url
-    raise SourceError(f"shard URL {url!r}: scheme {scheme!r} is not allowed (local paths, file://, "
+    raise SourceError(f"shard URL {redact(url)!r}: scheme {scheme!r} is not allowed (local paths, file://, "
                       "http://, https://; pipe: with source.allow_pipe; redis:// for an ingest stream)")
+
+
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?|([A-Za-z])\.\.([A-Za-z])(?:\.\.(-?\d+))?")
+
+
+def _brace_bound(pattern: str) -> int:
+    """An upper bound of the URLs ``braceexpand`` makes of ``pattern``, without expanding it: the product over
+    its brace groups of each group's alternatives (commas + 1) or range length. Stops counting past the limit."""
+    bound, stack, pos = 1, [], 0
+    while pos < len(pattern) and bound <= MAX_PATTERN_URLS:
+        char = pattern[pos]
+        if char == "\\":
+            pos += 1  # an escaped character is no brace or comma
+        elif char == "{":
+            stack.append([pos, 0])
+        elif char == "," and stack:
+            stack[-1][1] += 1
+        elif char == "}" and stack:
+            start, commas = stack.pop()
+            size = commas + 1
+            found = _RANGE.fullmatch(pattern, start + 1, pos)
+            if found and max(len(g or "") for g in found.groups()) > 18:  # int() of 5,000 digits raises
+                size = MAX_PATTERN_URLS + 1
+            elif found and found.group(1) is not None:
+                step = abs(int(found.group(3) or 1)) or 1
+                size = max(size, abs(int(found.group(2)) - int(found.group(1))) // step + 1)
+            elif found:
+                step = abs(int(found.group(6) or 1)) or 1
+                size = max(size, abs(ord(found.group(5)) - ord(found.group(4))) // step + 1)
+            bound *= size
+        pos += 1
+    return bound
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``pattern`` brace-expanded as webdataset does (``braceexpand``), or ``SourceError`` naming it: braces
+    that do not balance, a URL part that does not parse, more than ``MAX_PATTERN_URLS`` URLs."""
+    if _brace_bound(pattern) > MAX_PATTERN_URLS:
+        raise SourceError(f"shard pattern {redact(pattern)!r}: expands to more than {MAX_PATTERN_URLS:,} URLs; "
+                          "split the shards into folders, or follow a folder")
+    try:
+        parts = list(braceexpand.braceexpand(pattern))
+        for part in parts:
+            urlparse(part)  # raises on "Invalid IPv6 URL"
+    except ValueError as exc:  # braceexpand's UnbalancedBracesError is one
+        raise SourceError(f"shard pattern {redact(pattern)!r}: {exc}") from None
+    return parts
 
 
 def check_redis_url(url: str, what: str) -> str:
     """Return ``url`` if it is a ``redis://`` or ``rediss://`` URL with a valid port, else raise naming ``what``."""
     if not is_redis_url(url):
-        scheme = urlparse(url).scheme or url
+        try:
+            scheme = urlparse(url).scheme or redact(url)
+        except ValueError:
+            scheme = redact(url)
         raise SourceError(f"{what} {redact(url)!r}: expected redis://[:password@]host:port/db or rediss:// "
                           f"(TLS), not {scheme!r}")
     try:
@@ -65,18 +122,25 @@ def local_path(url: str) -> str:
     return url2pathname(urlparse(url).path) if url.lower().startswith("file:") else url
 
 
+_USERINFO = re.compile(r"(//[^/?#@:]*:)[^/?#]*@")
+_PASSWORD_QUERY = re.compile(r"(password=)[^&#]*")
+
+
 def redact(url: str) -> str:
-    """The URL without its password: safe for logs, errors and ``streamssl status``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, sep, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hostport}" if sep else netloc
+    """The URL without its password: safe for logs, errors and ``streamssl status``. Never raises."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "Invalid IPv6 URL": no netloc to trust
+        parts = None
+    if parts is None or "@" not in parts.netloc:  # no scheme urllib knows ("pipe:curl https://u:pw@h/"):
+        return _USERINFO.sub(r"\1***@", _PASSWORD_QUERY.sub(r"\1***", url))  # mask what looks like one
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, sep, _ = userinfo.partition(":")
+    netloc = f"{user}:***@{hostport}" if sep else parts.netloc
     # redis-py also takes ?password=... in the query
     query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-__all__ = ["REDIS_SCHEMES", "SHARD_SCHEMES", "SourceError", "check_redis_url", "check_url", "is_redis_url",
-           "local_path", "redact"]
+__all__ = ["MAX_PATTERN_URLS", "REDIS_SCHEMES", "SHARD_SCHEMES", "SourceError", "check_redis_url", "check_url",
+           "expand_braces", "is_redis_url", "local_path", "redact"]

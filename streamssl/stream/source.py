@@ -41,13 +41,12 @@ from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlparse
 
-import braceexpand
 from webdataset.gopen import gopen as wds_gopen
 
 from streamssl.config import SourceConfig
 from streamssl.redis_client import NO_TLS, TLSFiles
 from streamssl.stream.redis_source import RedisStreamSource
-from streamssl.urls import REDIS_SCHEMES, SourceError, check_url, local_path
+from streamssl.urls import REDIS_SCHEMES, SourceError, check_url, expand_braces, local_path
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def expand_pattern(pattern: str) -> list[str]:
     shard is counted as a ``shard_error`` when it is read, not here.
     """
     out: list[str] = []
-    for part in braceexpand.braceexpand(pattern):
+    for part in expand_braces(pattern):  # SourceError for unbalanced braces or a pattern too large
         scheme = urlparse(part).scheme.lower()
         if scheme in ("", "file") and not part.startswith("pipe:") and _GLOB_CHARS & set(part):
             out += sorted(glob.glob(local_path(part)))
