@@ -24,6 +24,12 @@ def _types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _short(value: Any, limit: int = 60) -> Any:
+    """A value as an error message may quote it: huge numbers and strings cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _check_value(key: str, value: Any, hint: Any, meta: Mapping[str, Any], origin: str) -> Any:
     """Coerce ``value`` to the field's type and check its range; raise ConfigError naming ``key``."""
 
@@ -41,16 +47,19 @@ def _check_value(key: str, value: Any, hint: Any, meta: Mapping[str, Any], origi
             if isinstance(v, bool) or not isinstance(v, int | str):
                 raise fail(f"expected an integer, got {v!r}")
             try:
-                return int(v)
+                out = int(v)
             except ValueError:
-                raise fail(f"expected an integer, got {v!r}") from None
+                raise fail(f"expected an integer, got {_short(v)!r}") from None
+            if not -(2**63) <= out < 2**63:  # torch, numpy and JSON readers take 64 bits
+                raise fail(f"{_short(v)}: out of range")
+            return out
         if t is float:
             if isinstance(v, bool) or not isinstance(v, int | float | str):
                 raise fail(f"expected a number, got {v!r}")
             try:
                 out = float(v)
-            except ValueError:
-                raise fail(f"expected a number, got {v!r}") from None
+            except (ValueError, OverflowError):  # OverflowError: an integer too large for a float
+                raise fail(f"expected a number, got {_short(v)!r}") from None
             if not math.isfinite(out):
                 raise fail(f"expected a finite number, got {v!r}")
             return out
@@ -93,12 +102,16 @@ def _parse_text(text: str, name: str = "value") -> Any:
     list cut short is an error, never a string that happens to begin with ``[``.
     """
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        doc = tomllib.loads(f"v = {text}")
+        problem = "" if len(doc) == 1 else "more than one value"  # "1\nx = 2": take none of it as TOML
     except tomllib.TOMLDecodeError as exc:
-        if text.lstrip().startswith(("[", "{", '"', "'")):
-            raise ConfigError(f"{name}: {text!r} does not parse as a TOML value ({exc}); lists look like "
-                              "[\"a\", \"b\"] or a,b") from None
-        return text
+        problem = str(exc)
+    if not problem:
+        return doc["v"]
+    if text.lstrip().startswith(("[", "{", '"', "'")):
+        raise ConfigError(f"{name}: {_short(text)!r} does not parse as a TOML value ({problem}); lists look like "
+                          "[\"a\", \"b\"] or a,b") from None
+    return text
 
 
 def _merge_layer(merged: dict[str, dict[str, Any]], layer: Mapping[str, Any], origin: str) -> None:
@@ -174,9 +187,11 @@ def resolve(profile: str | os.PathLike[str] | None = DEFAULT_PROFILE, *,
     if profile is not None:
         path = find_profile(profile)
         try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML is UTF-8 text
             raise ConfigError(f"profile {path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"profile {path}: cannot be read: {exc}") from None
         _merge_layer(merged, data, f"profile {path.name}")
     _merge_layer(merged, env_layer(os.environ if environ is None else environ), "environment")
     _merge_layer(merged, overrides_layer(overrides), "--set")
