@@ -16,9 +16,11 @@ import redis
 
 from streamssl.errors import RuntimeFailure
 from streamssl.redis_client import NO_TLS, TLSFiles, auth_hint, connect, is_auth_error
+from streamssl.stream.backoff import RateLimitedLog
 from streamssl.urls import SourceError, check_url, local_path, redact
 
 log = logging.getLogger("streamssl.stream.source")  # one logger for the stage: operators filter on it
+_entry_log = RateLimitedLog(log, limit=20, interval_s=60.0)  # a producer writing junk must not flood the log
 
 DEFAULT_STREAM_KEY = "streamssl:shards"
 T = TypeVar("T")
@@ -26,8 +28,11 @@ T = TypeVar("T")
 
 def redis_client(redis_url: str, *, socket_timeout_s: float | None = None, tls: TLSFiles = NO_TLS,
                  ) -> redis.Redis:
-    """A client of the ingest stream: ``redis_client.connect`` with text replies."""
-    return connect(redis_url, what="Redis URL", socket_timeout_s=socket_timeout_s, tls=tls, decode_responses=True)
+    """A client of the ingest stream: ``redis_client.connect`` with text replies. Bytes that are not UTF-8 (a
+    producer's junk) decode with U+FFFD in their place instead of raising in the middle of a read: such an
+    entry is then a URL nobody can open, skipped and counted like any other."""
+    return connect(redis_url, what="Redis URL", socket_timeout_s=socket_timeout_s, tls=tls, decode_responses=True,
+                   encoding_errors="replace")
 
 
 def publish_urls(redis_url: str, urls: list[str], *, stream_key: str = DEFAULT_STREAM_KEY,
@@ -108,6 +113,7 @@ class RedisStreamSource:
         self._group_ready = False
         self._closed = threading.Event()
         self.n_reconnects = 0
+        self.n_skipped_entries = 0  # entries without a "url" field: acknowledged, never handed out
 
     def describe(self) -> str:
         return f"shard URLs on Redis stream {self.stream_key} at {redact(self.redis_url)}"
@@ -205,8 +211,9 @@ class RedisStreamSource:
                 url = (fields or {}).get("url")
                 if not url:
                     # Not ours to read and never will be: ack so it is not redelivered forever.
-                    log.warning("redis %s: entry %s has no 'url' field; acknowledged and skipped",
-                                self.stream_key, entry_id)
+                    self.n_skipped_entries += 1
+                    _entry_log.warning("redis %s: entry %s has no 'url' field; acknowledged and skipped",
+                                       self.stream_key, entry_id)
                     self._unacked.append(entry_id)
                     continue
                 self._open.append((url, entry_id))
