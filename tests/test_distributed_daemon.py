@@ -90,9 +90,11 @@ def test_ranks_wait_together_while_one_source_is_idle(tmp_path: Path) -> None:
     for i, shard in enumerate(shards[:3]):
         os.link(shard, folder / name_for(0, i))
     run_dir = tmp_path / "run"
+    # torchvision's multi-crop: DALI's first pipeline build can hold the interpreter for seconds on a busy
+    # 2-core machine, which a short collective timeout would take for a dead rank
     proc = streamssl_run(run_dir, f"source.urls=[\"{folder}\"]", "source.settle_s=0", "run.max_steps=3",
-                         "dist.timeout_s=15", "dist.wait_log_s=5")
-    time.sleep(45)  # three times the collective timeout
+                         "augment.backend=torchvision", "dist.timeout_s=20", "dist.wait_log_s=5")
+    time.sleep(60)  # three times the collective timeout
     assert proc.poll() is None, "the job died while one rank's source was idle"
     assert not list(run_dir.glob("ckpt-*.pt"))  # no step was taken
     for i, shard in enumerate(shards[3:]):

@@ -264,8 +264,9 @@ class Daemon(RunState):
             ranks = self.world.distributed  # then the gate stops every rank at the same step (ranks.py)
             window = ProgressWindow()
             while ranks or not self._signals:
-                used = self.budget_used(time.monotonic() - start)
-                if used is not None and used >= 1.0 and not ranks:
+                # ranks: steps and images are the job's on every rank, the clock is agreed in the gate
+                used = self.budget_used(0.0 if ranks else time.monotonic() - start)
+                if used is not None and used >= 1.0:
                     break
                 t = time.monotonic()
                 batch = gate.next() if gate is not None else next(views, None)  # type: ignore[arg-type]
