@@ -108,9 +108,10 @@ def test_the_daemon_gives_dali_and_the_feeder_the_device_with_its_index(tmp_path
     seen: dict[str, object] = {}
     monkeypatch.setattr(feeder_module, "make_multicrop",
                         lambda cfg, batch, device, on_bad: seen.setdefault("multicrop", device) and _MultiCrop())
-    monkeypatch.setattr(feeder_module, "Feeder", lambda *args, device, replay: seen.setdefault("feeder", device)
-                        and type("F", (), {"start": lambda self: None, "replay": replay})())
-    daemon._data()
+    monkeypatch.setattr(feeder_module, "Feeder", lambda *args, device, replay, full_batches:
+                        seen.setdefault("feeder", device) and type("F", (), {"start": lambda self: None,
+                                                                               "replay": replay})())
+    daemon._data(start=0.0)
     assert daemon.stream is not None
     daemon.stream.close()
     assert seen == {"multicrop": "cuda:1", "feeder": torch.device("cuda", 1)}
