@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "streamssl"
 # The flow, in order (docs/architecture.md). "shared" are the top-level helpers every stage may use.
 STAGES = ("shared", "config", "stream", "augment", "learner", "store", "service", "tools", "cli")
-SHARED = {"__init__", "atomic", "devices", "errors", "urls", "redis_client"}
+SHARED = {"__init__", "atomic", "devices", "distributed", "errors", "urls", "redis_client"}
 DOC_FOLDERS = tuple(ROOT / d for d in ("docs", "benchmarks", "ops", "pipelines", "tests"))
 IMPORT = re.compile(r"^\s*(?:from|import)\s+(streamssl(?:\.\w+)*)", re.M)
 
