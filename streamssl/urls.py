@@ -57,45 +57,66 @@ def check_url(url: str, *, allow_pipe: bool = False) -> str:
 _RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?|([A-Za-z])\.\.([A-Za-z])(?:\.\.(-?\d+))?")
 
 
-def _brace_bound(pattern: str) -> int:
-    """An upper bound of the URLs ``braceexpand`` makes of ``pattern``, without expanding it: the product over
-    its brace groups of each group's alternatives (commas + 1) or range length. Stops counting past the limit."""
-    bound, stack, pos = 1, [], 0
+def _brace_scan(pattern: str) -> tuple[int, bool]:
+    """Without expanding ``pattern``: an upper bound of the URLs ``braceexpand`` makes of it (the product over
+    its brace groups of each group's alternatives, commas + 1, or range length; counting stops past the
+    limit), and whether its braces balance as ``braceexpand`` counts them (a backslash escapes the next
+    character)."""
+    bound, depth, stack, pos = 1, 0, [], 0
     while pos < len(pattern) and bound <= MAX_PATTERN_URLS:
         char = pattern[pos]
         if char == "\\":
             pos += 1  # an escaped character is no brace or comma
         elif char == "{":
+            depth += 1
             stack.append([pos, 0])
-        elif char == "," and stack:
-            stack[-1][1] += 1
-        elif char == "}" and stack:
-            start, commas = stack.pop()
-            size = commas + 1
-            found = _RANGE.fullmatch(pattern, start + 1, pos)
-            if found and max(len(g or "") for g in found.groups()) > 18:  # int() of 5,000 digits raises
-                size = MAX_PATTERN_URLS + 1
-            elif found and found.group(1) is not None:
-                step = abs(int(found.group(3) or 1)) or 1
-                size = max(size, abs(int(found.group(2)) - int(found.group(1))) // step + 1)
-            elif found:
-                step = abs(int(found.group(6) or 1)) or 1
-                size = max(size, abs(ord(found.group(5)) - ord(found.group(4))) // step + 1)
-            bound *= size
+        elif char == ",":
+            if stack:
+                stack[-1][1] += 1
+        elif char == "}":
+            depth -= 1
+            if stack:
+                start, commas = stack.pop()
+                bound *= max(commas + 1, _range_size(pattern, start + 1, pos))
         pos += 1
-    return bound
+    return bound, depth == 0
+
+
+def _range_size(pattern: str, start: int, end: int) -> int:
+    """The length of the range ``pattern[start:end]`` is (``1..10``, ``a..e..2``), or 0."""
+    found = _RANGE.fullmatch(pattern, start, end)
+    if found is None:
+        return 0
+    if max(len(g or "") for g in found.groups()) > 18:  # int() of 5,000 digits raises
+        return MAX_PATTERN_URLS + 1
+    if found.group(1) is not None:
+        step = abs(int(found.group(3) or 1)) or 1
+        return abs(int(found.group(2)) - int(found.group(1))) // step + 1
+    step = abs(int(found.group(6) or 1)) or 1
+    return abs(ord(found.group(5)) - ord(found.group(4))) // step + 1
+
+
+def check_pattern(pattern: str) -> str:
+    """Return the shard pattern ``pattern`` if its braces balance and it makes at most ``MAX_PATTERN_URLS``
+    URLs, else raise ``SourceError`` naming it; nothing is expanded (the configuration checks this)."""
+    bound, balanced = _brace_scan(pattern)
+    if bound > MAX_PATTERN_URLS:
+        raise SourceError(f"shard pattern {redact(pattern)!r}: expands to more than {MAX_PATTERN_URLS:,} URLs; "
+                          "split the shards into folders, or follow a folder")
+    if not balanced:
+        raise SourceError(f"shard pattern {redact(pattern)!r}: unbalanced braces (a literal brace is \\{{)")
+    return pattern
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``pattern`` brace-expanded as webdataset does (``braceexpand``), or ``SourceError`` naming it: braces
-    that do not balance, a URL part that does not parse, more than ``MAX_PATTERN_URLS`` URLs."""
-    if _brace_bound(pattern) > MAX_PATTERN_URLS:
-        raise SourceError(f"shard pattern {redact(pattern)!r}: expands to more than {MAX_PATTERN_URLS:,} URLs; "
-                          "split the shards into folders, or follow a folder")
+    """``pattern`` brace-expanded as webdataset does (``braceexpand``) after ``check_pattern``, or
+    ``SourceError`` naming it (also for a URL part that does not parse)."""
+    check_pattern(pattern)
     try:
         parts = list(braceexpand.braceexpand(pattern))
         for part in parts:
-            urlparse(part)  # raises on "Invalid IPv6 URL"
+            if "[" in part or "]" in part or not part.isascii():  # what urllib may refuse ("Invalid IPv6 URL")
+                urlparse(part)
     except ValueError as exc:  # braceexpand's UnbalancedBracesError is one
         raise SourceError(f"shard pattern {redact(pattern)!r}: {exc}") from None
     return parts
@@ -126,14 +147,20 @@ _USERINFO = re.compile(r"(//[^/?#@:]*:)[^/?#]*@")
 _PASSWORD_QUERY = re.compile(r"(password=)[^&#]*")
 
 
+def redact_text(text: str) -> str:
+    """``text`` (an error message, a command line) with every ``//user:password@`` and ``password=...`` in it
+    masked: for messages that quote URLs, such as curl's through webdataset."""
+    return _USERINFO.sub(r"\1***@", _PASSWORD_QUERY.sub(r"\1***", text))
+
+
 def redact(url: str) -> str:
     """The URL without its password: safe for logs, errors and ``streamssl status``. Never raises."""
     try:
         parts = urlsplit(url)
     except ValueError:  # "Invalid IPv6 URL": no netloc to trust
         parts = None
-    if parts is None or "@" not in parts.netloc:  # no scheme urllib knows ("pipe:curl https://u:pw@h/"):
-        return _USERINFO.sub(r"\1***@", _PASSWORD_QUERY.sub(r"\1***", url))  # mask what looks like one
+    if parts is None or "@" not in parts.netloc:  # no scheme urllib knows ("pipe:curl https://u:pw@h/")
+        return redact_text(url)
     userinfo, _, hostport = parts.netloc.rpartition("@")
     user, sep, _ = userinfo.partition(":")
     netloc = f"{user}:***@{hostport}" if sep else parts.netloc
@@ -142,5 +169,5 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-__all__ = ["MAX_PATTERN_URLS", "REDIS_SCHEMES", "SHARD_SCHEMES", "SourceError", "check_redis_url", "check_url",
-           "expand_braces", "is_redis_url", "local_path", "redact"]
+__all__ = ["MAX_PATTERN_URLS", "REDIS_SCHEMES", "SHARD_SCHEMES", "SourceError", "check_pattern", "check_redis_url",
+           "check_url", "expand_braces", "is_redis_url", "local_path", "redact", "redact_text"]

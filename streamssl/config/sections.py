@@ -11,7 +11,7 @@ from typing import Any
 from streamssl.config.fields import ConfigError
 from streamssl.config.fields import setting as _f
 from streamssl.config.method_sections import BYOLConfig, DeepClusterConfig, MoCoConfig, NPIDConfig, SimCLRConfig
-from streamssl.urls import SourceError, check_redis_url, check_url, expand_braces, is_redis_url
+from streamssl.urls import SourceError, check_pattern, check_redis_url, check_url, is_redis_url
 
 ENV_PREFIX = "STREAMSSL_"
 DEBUG_ENV = "STREAMSSL_DEBUG"  # the CLI's --debug, not a configuration key
@@ -50,7 +50,7 @@ class SourceConfig:
                     check_redis_url(url, "Redis URL")
                 else:
                     check_url(url, allow_pipe=self.allow_pipe)
-                    expand_braces(url)
+                    check_pattern(url)
         except SourceError as exc:
             raise ConfigError(f"source.urls: {exc}") from None
 

@@ -37,6 +37,7 @@ from streamssl.config import SourceConfig
 from streamssl.stream.backoff import RateLimitedLog, ShardBackoff
 from streamssl.stream.shards import OnBad, Sample, ignore_bad, read_shard
 from streamssl.stream.source import ShardSource
+from streamssl.urls import redact
 
 log = logging.getLogger(__name__)
 IDLE_LOG_FIRST_S = 10.0  # a quiet source is reported after this long, then every IDLE_LOG_EVERY_S
@@ -184,7 +185,7 @@ class SampleStream:
         elif failed:
             delay = self.backoff.failed(shard.url)
             self._misses += 1
-            log.debug("shard %s failed %d time(s) in a row; not tried again for %.0f s", shard.url,
+            log.debug("shard %s failed %d time(s) in a row; not tried again for %.0f s", redact(shard.url),
                       self.backoff.failures(shard.url), delay)
         self._maybe_done(shard)
 
@@ -215,7 +216,7 @@ class SampleStream:
                     continue
                 self._all_failing_log.warning(
                     "all %d shard URLs met lately are failing (%s, ...); next try in %.0f s, backing off up to "
-                    "%.0f s", self.backoff.n_failing, url, wait, self.backoff.max_s)
+                    "%.0f s", self.backoff.n_failing, redact(url), wait, self.backoff.max_s)
                 yield None  # the shuffle buffer drains while we wait
                 if self._closed.wait(wait):
                     return

@@ -21,6 +21,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 from streamssl.stream.backoff import RateLimitedLog
 from streamssl.stream.images import IMAGE_EXTS, check_image, sniff_format
 from streamssl.stream.source import SourceError, open_shard
+from streamssl.urls import redact, redact_text
 
 log = logging.getLogger("streamssl.stream.samples")  # one logger for the stage: operators filter on it
 _shard_log = RateLimitedLog(log, limit=20, interval_s=60.0)  # a stream of dead shards must not flood the log
@@ -126,7 +127,7 @@ class _ShardErrors:
         if not self.counted:
             self.counted = True
             self.on_bad("shard_error")
-            _shard_log.warning("shard %s: %s: %s", self.url, type(exc).__name__, exc)
+            _shard_log.warning("shard %s: %s: %s", redact(self.url), type(exc).__name__, redact_text(str(exc)))
         return True
 
 
@@ -153,7 +154,7 @@ def _to_sample(group: dict[str, Any], index: int, url: str, *, max_pixels: int,
     checked, reason = check_image(data, ext, max_pixels=max_pixels)
     if checked is None:
         on_bad(reason or "corrupt")
-        log.debug("shard %s: sample %s (%d) skipped: %s", url, group.get("__key__"), index, reason)
+        log.debug("shard %s: sample %s (%d) skipped: %s", redact(url), group.get("__key__"), index, reason)
         return None
     if checked is not data:
         ext = "png"

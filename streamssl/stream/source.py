@@ -46,7 +46,7 @@ from webdataset.gopen import gopen as wds_gopen
 from streamssl.config import SourceConfig
 from streamssl.redis_client import NO_TLS, TLSFiles
 from streamssl.stream.redis_source import RedisStreamSource
-from streamssl.urls import REDIS_SCHEMES, SourceError, check_url, expand_braces, local_path
+from streamssl.urls import REDIS_SCHEMES, SourceError, check_url, expand_braces, local_path, redact
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,8 @@ class PatternSource:
         self._closed = threading.Event()
 
     def describe(self) -> str:
-        return f"{len(self.urls)} shards of {', '.join(self.urls[:2])}{', ...' if len(self.urls) > 2 else ''}"
+        more = ", ..." if len(self.urls) > 2 else ""
+        return f"{len(self.urls)} shards of {', '.join(map(redact, self.urls[:2]))}{more}"
 
     def pass_order(self, pass_index: int) -> list[str]:
         """The URLs this rank reads in pass ``pass_index``."""
