@@ -95,23 +95,26 @@ def test_a_set_value_of_two_toml_lines_is_refused_not_cut() -> None:
     assert resolve(None, environ={}, overrides=["store.prefix=a\nb = 1"]).store.prefix == "a\nb = 1"
 
 
-def test_the_brace_bound_is_an_upper_bound() -> None:
-    """``expand_braces`` refuses a pattern by a bound computed without expanding it: the bound must never be
-    below the real count, or a pattern could still fill the memory."""
+def test_the_brace_scan_agrees_with_braceexpand() -> None:
+    """``check_pattern`` refuses a pattern by a bound and a balance computed without expanding it: the bound
+    must never be below the real count (or a pattern could still fill the memory), the balance must be
+    braceexpand's."""
     import braceexpand
 
-    from streamssl.urls import _brace_bound
+    from streamssl.urls import _brace_scan
 
     @settings(max_examples=300, **BOUNDED)
     @given(st.lists(st.sampled_from(("{a,b}", "{1..3}", "{01..12..5}", "{3..1}", "{a..e..2}", "{a..Z}", "{", "}",
                                      ",", "\\", "x", "{,}", "{a,{b,c}}", "{1..3..0}", "{-2..2}")), max_size=6))
     def bound_holds(parts: list[str]) -> None:
         pattern = "".join(parts)
+        bound, balanced = _brace_scan(pattern)
         try:
             n = sum(1 for _ in braceexpand.braceexpand(pattern))
         except ValueError:
+            assert not balanced, pattern
             return
-        assert n <= _brace_bound(pattern), pattern
+        assert balanced and n <= bound, pattern
 
     bound_holds()
 
