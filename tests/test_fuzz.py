@@ -67,6 +67,7 @@ def test_redis_stream_entries(redis_server, workdir: Path, entries: list[dict[by
 @example(ConfigInput(overrides=("learner.base_lr=" + "9" * 400,)))  # OverflowError from float()
 @example(ConfigInput(overrides=("run.max_steps=1\nx = 2",)))  # the second line was dropped in silence
 @example(ConfigInput(profile=b"[run]\nmax_steps = 1\n\xff"))  # UnicodeDecodeError from read_text
+@example(ConfigInput(environ=(("STREAMSSL_METRICS_HOST", "\U00024f44c"),)))  # config show's TOML did not read back
 def test_configuration(workdir: Path, inp: ConfigInput) -> None:
     fuzz_text.check_config_input(inp, workdir)
 
@@ -93,6 +94,8 @@ def test_a_set_value_of_two_toml_lines_is_refused_not_cut() -> None:
     with pytest.raises(ConfigError, match=r"run\.max_steps: expected an integer"):
         resolve(None, environ={}, overrides=["run.max_steps=1\nx = 2"])
     assert resolve(None, environ={}, overrides=["store.prefix=a\nb = 1"]).store.prefix == "a\nb = 1"
+    with pytest.raises(ConfigError, match="not valid Unicode"):  # argv bytes of another encoding
+        resolve(None, environ={}, overrides=["store.prefix=\udcff"])
 
 
 def test_the_brace_scan_agrees_with_braceexpand() -> None:

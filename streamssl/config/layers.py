@@ -66,6 +66,8 @@ def _check_value(key: str, value: Any, hint: Any, meta: Mapping[str, Any], origi
         if t is str:
             if not isinstance(v, str):
                 raise fail(f"expected a string, got {v!r}")
+            if any(0xD800 <= ord(ch) < 0xE000 for ch in v):  # bytes of another encoding in argv or a variable
+                raise fail(f"{v!r} is not valid Unicode text (a lone surrogate: check the encoding)")
             return v
         raise TypeError(t)  # pragma: no cover - config fields use only these types
 

@@ -360,9 +360,21 @@ class Config:
         lines: list[str] = []
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
             lines.append("")
         return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML value: JSON's spelling, but for strings a TOML basic string with characters outside the BMP as
+    they are (JSON writes them as surrogate pairs, which TOML refuses)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if not isinstance(value, str):
+        return json.dumps(value)
+    escaped = (f"\\{ch}" if ch in '"\\' else f"\\u{ord(ch):04x}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+               for ch in value)
+    return '"' + "".join(escaped) + '"'
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
