@@ -98,9 +98,24 @@ def bench_augment(shards: str, backend: str, batches: int, cfg: AugmentConfig,
                   batch_size: int = 64) -> dict[str, Any]:
     """Time ``batches`` batches of ``batch_size`` images through ``backend`` ("dali" or "torchvision").
 
+    ``shards``: one shard pattern as ``source.urls`` takes it (braces, globs, URLs; ``expand_pattern``), read
+    with the samples stage's checks (a ``pipe:`` URL is refused, as in a run that does not allow it).
+
+    What the clock covers, so that no image is made off it:
+    - torchvision: from before the DataLoader's ``n_threads`` workers start to the last batch, every batch
+      counted. Worker start-up (a fork, the first image of each) is in the figure, and so is the last
+      round, where fewer than ``n_threads`` workers may be busy: with few batches the rate is a little low,
+      never high. Warming up first and timing the batches after would not be honest: while the warm-up
+      batches are made the other workers make up to ``n_threads x prefetch`` more, which the timed part
+      would then collect for free (one warm-up batch once printed 1,259 img/s at 49.8 CPU-ms an image on 2
+      cores). For a steady-state rate, time many batches per worker (``batches`` >= 10 x ``n_threads``).
+    - DALI: one warm-up batch untimed (first-call allocations), then each timed call makes its own batch:
+      the pipeline holds no batches ahead (``prefetch_queue_depth`` 1, inputs fed per call).
+
     Returns a JSON-able dict: images_per_s, views_per_s, backend, batches, batch_size, n_views, n_threads,
-    seconds, images, bad (count by reason), cpu_ms_per_image. Images repeat when the shards hold fewer than
-    needed.
+    seconds, images (counted: decoded and augmented), bad (count by reason), cpu_ms_per_image (this process
+    and its workers, DALI's warm-up batch included in both the CPU time and the images). Images repeat when
+    the shards hold fewer than needed.
     """
     from streamssl.augment.spec import MultiCropSpec
 
@@ -177,9 +192,11 @@ def _time_torchvision(spec: Any, cfg: AugmentConfig, images: list[bytes], batch_
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", help="brace pattern of WebDataset shards to read images from")
+    parser.add_argument("--shards", help="WebDataset shards to read images from: a brace or glob pattern")
     parser.add_argument("--backend", choices=("dali", "torchvision"), default="dali")
-    parser.add_argument("--batches", type=int, default=20, help="timed batches (one more warms up)")
+    parser.add_argument("--batches", type=int, default=20,
+                        help="timed batches (DALI: one more warms up; torchvision: worker start-up is timed, so "
+                             "give each worker ten or more for a steady-state rate)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None,
                         help="DALI threads / DataLoader workers (default: the config's n_threads). "
