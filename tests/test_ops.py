@@ -1,10 +1,12 @@
 """ops/: promtool on the live exposition, the Prometheus config, the alert rules and their unit tests; the
-Grafana dashboard and provisioning, docker-compose and the systemd unit read for consistency; and the drift
+Grafana dashboard and provisioning, docker-compose and the systemd unit read for consistency; the Kubernetes
+manifests (torchrun's flags read by torchrun's own parser, every --config and --set resolved); and the drift
 guard: every streamssl_* name used anywhere in ops/ exists in the exposition of ``Metrics``."""
 
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import json
 import re
 import shutil
@@ -255,3 +257,107 @@ def test_drift_guard_catches_a_renamed_metric() -> None:
     known = exposed_names(exposition())
     expr = 'rate(streamssl_learner_images_total[5m]) + streamssl_learner_imgs_total + streamssl_store_lag_steps'
     assert unknown_names(expr, known) == {"streamssl_learner_imgs_total"}
+
+
+# -- many machines: Kubernetes manifests and the multi-GPU compose override --------------------------------
+
+K8S = OPS / "k8s"
+
+
+def run_args(args: list[str]) -> tuple[str, list[str]]:
+    """The --config profile and the --set overrides that follow ``streamssl.cli run`` in ``args``."""
+    assert args[args.index("-m") + 1:args.index("-m") + 3] == ["streamssl.cli", "run"], args
+    rest = args[args.index("run") + 1:]
+    assert all(a in ("--config", "--set") for a in rest[::2]), rest  # nothing else: every value checked below
+    return rest[rest.index("--config") + 1], [rest[i + 1] for i, a in enumerate(rest) if a == "--set"]
+
+
+def resolved(args: list[str], env: list[dict[str, Any]]) -> Any:
+    """The configuration ``args`` and the container's STREAMSSL_* variables give: every --set key and the
+    profile must exist (resolve raises on an unknown one), and so must every variable's section and key."""
+    from streamssl.config import SECTIONS, resolve
+
+    for var in (e["name"] for e in env if e["name"].startswith("STREAMSSL_")):
+        section, _, key = var[len("STREAMSSL_"):].lower().partition("_")
+        assert section in SECTIONS and key in {f.name for f in dataclasses.fields(SECTIONS[section])}, var
+    profile, sets = run_args(args)
+    return resolve(profile, environ={}, overrides=sets)
+
+
+def torchrun_flags(argv: list[str]) -> Any:
+    """``argv`` parsed by torchrun's own parser (an unknown or misspelt flag fails here)."""
+    from torch.distributed.run import get_args_parser
+
+    return get_args_parser().parse_args(argv)
+
+
+def k8s_pods() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Per manifest: (the workload document, its pod template spec)."""
+    pods = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] == "StatefulSet":
+                pods[path.name] = (doc, doc["spec"]["template"]["spec"])
+            elif doc and doc["kind"] == "PyTorchJob":
+                pods[path.name] = (doc, doc["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"])
+    return pods
+
+
+def test_k8s_manifests_launch_torchrun_with_keys_that_exist() -> None:
+    pods = k8s_pods()
+    assert set(pods) == {"streamssl-torchrun.yaml", "streamssl-pytorchjob.yaml"}
+    for name, (_, spec) in pods.items():
+        (container,) = spec["containers"]
+        assert container["command"] == ["torchrun"], name
+        args = container["args"]
+        flags = torchrun_flags(args)
+        assert flags.module and flags.training_script == "streamssl.cli" and flags.nproc_per_node == "gpu", name
+        cfg = resolved(args, container.get("env", []))
+        assert cfg.model.arch == "resnet50" and cfg.metrics.host == "0.0.0.0", name
+        # STREAMSSL_* variables of Service links would be read as configuration keys and stop the daemon
+        assert spec["enableServiceLinks"] is False, name
+        # restarts that reconnect: no shared rendezvous store with the addresses of the ranks before
+        assert {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"} in container["env"], name
+        # rank r serves metrics.port + r: one declared port per GPU of the pod
+        gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+        metrics_ports = {p["containerPort"] for p in container["ports"] if p["name"].startswith("metrics-")}
+        assert metrics_ports == {cfg.metrics.port + r for r in range(gpus)}, name
+        # SIGTERM: torchrun waits --shutdown-timeout for the final checkpoint; the kubelet kills after the grace
+        assert flags.shutdown_timeout >= 120 and spec["terminationGracePeriodSeconds"] > flags.shutdown_timeout
+        # the run folder: a ReadWriteMany claim mounted on every pod (rank 0 may be on any of them)
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volume = {v["name"]: v for v in spec["volumes"]}[mounts[str(Path(cfg.checkpoint.dir).parent)]]
+        claims = {d["metadata"]["name"]: d for d in yaml.safe_load_all((K8S / name).read_text())
+                  if d and d["kind"] == "PersistentVolumeClaim"}
+        assert claims[volume["persistentVolumeClaim"]["claimName"]]["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"], name
+
+
+def test_k8s_statefulset_rendezvous() -> None:
+    sts, spec = k8s_pods()["streamssl-torchrun.yaml"]
+    docs = [d for d in yaml.safe_load_all((K8S / "streamssl-torchrun.yaml").read_text()) if d]
+    service = next(d for d in docs if d["kind"] == "Service")
+    flags = torchrun_flags(spec["containers"][0]["args"])
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert sts["spec"]["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    host, port = flags.rdzv_endpoint.split(":")
+    assert host == f"{sts['metadata']['name']}-0.{service['metadata']['name']}"  # the first pod's DNS name
+    assert int(port) in {p["containerPort"] for p in spec["containers"][0]["ports"]}
+    assert flags.rdzv_backend == "c10d" and flags.max_restarts >= 1
+    low, high = map(int, flags.nnodes.split(":"))
+    assert 1 <= low <= high == sts["spec"]["replicas"]
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"  # OrderedReady would wait for a Ready pod 0
+
+
+def test_k8s_pytorchjob_is_elastic() -> None:
+    job, spec = k8s_pods()["streamssl-pytorchjob.yaml"]
+    elastic, worker = job["spec"]["elasticPolicy"], job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Worker"}  # an elastic job has no Master
+    assert elastic["rdzvBackend"] == "c10d" and elastic["minReplicas"] <= elastic["maxReplicas"] == worker["replicas"]
+    assert worker["restartPolicy"] == "Always"  # a clean stop exits 0: OnFailure would end the daemon there
+    (container,) = spec["containers"]
+    assert container["name"] == "pytorch"  # what the operator looks for, with its port pytorchjob-port
+    assert any(p["name"] == "pytorchjob-port" for p in container["ports"])
+    flags = torchrun_flags(container["args"])
+    assert flags.rdzv_endpoint == "" and flags.nnodes == "1:1"  # the operator's PET_* variables set these
