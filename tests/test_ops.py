@@ -1,7 +1,8 @@
 """ops/: promtool on the live exposition, the Prometheus config, the alert rules and their unit tests; the
 Grafana dashboard and provisioning, docker-compose and the systemd unit read for consistency; the Kubernetes
-manifests (torchrun's flags read by torchrun's own parser, every --config and --set resolved); and the drift
-guard: every streamssl_* name used anywhere in ops/ exists in the exposition of ``Metrics``."""
+manifests and the multi-GPU compose override (torchrun's flags read by torchrun's own parser, every --config
+and --set resolved, the compose entrypoint run); and the drift guard: every streamssl_* name used anywhere in
+ops/ exists in the exposition of ``Metrics``."""
 
 from __future__ import annotations
 
@@ -262,6 +263,8 @@ def test_drift_guard_catches_a_renamed_metric() -> None:
 # -- many machines: Kubernetes manifests and the multi-GPU compose override --------------------------------
 
 K8S = OPS / "k8s"
+GPU_COMPOSE = OPS / "docker-compose.gpu.yml"
+PROM_GPU = PROM / "prometheus.gpu.yml"
 
 
 def run_args(args: list[str]) -> tuple[str, list[str]]:
@@ -361,3 +364,86 @@ def test_k8s_pytorchjob_is_elastic() -> None:
     assert any(p["name"] == "pytorchjob-port" for p in container["ports"])
     flags = torchrun_flags(container["args"])
     assert flags.rdzv_endpoint == "" and flags.nnodes == "1:1"  # the operator's PET_* variables set these
+
+
+def gpu_compose() -> dict[str, Any]:
+    return load_yaml(GPU_COMPOSE)["services"]
+
+
+def run_gpu_entrypoint(tmp_path: Path, gpus: int) -> tuple[Path, list[str]]:
+    """The GPU override's entrypoint script, run by sh with GPUS=gpus and a torchrun that records its
+    arguments: (the targets file it wrote, torchrun's argv)."""
+    app = gpu_compose()["streamssl"]
+    shell, flag, script, name = app["entrypoint"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path / 'argv'}\n")
+    (bin_dir / "torchrun").chmod(0o755)
+    targets = tmp_path / "runs" / "prometheus-targets" / "streamssl.json"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "GPUS": str(gpus), "SCRAPE_TARGETS_FILE": str(targets)}
+    result = subprocess.run([shell, flag, script.replace("$$", "$"), name, *app["command"]], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return targets, (tmp_path / "argv").read_text().splitlines()
+
+
+def test_gpu_compose_runs_torchrun_with_keys_that_exist(tmp_path: Path) -> None:
+    base, services = load_yaml(OPS / "docker-compose.yml")["services"], gpu_compose()
+    assert set(services) <= set(base)  # an override: no service of its own
+    app = services["streamssl"]
+    targets, argv = run_gpu_entrypoint(tmp_path, 3)
+    flags = torchrun_flags(argv)
+    assert flags.standalone and flags.nproc_per_node == "3" and flags.max_restarts >= 1
+    assert argv[-len(app["command"]):] == app["command"]
+    cfg = resolved(argv, [{"name": n} for n in {**base["streamssl"]["environment"], **app["environment"]}])
+    assert cfg.model.arch == "resnet50" and cfg.metrics.host == "0.0.0.0"
+    assert app["environment"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # see the k8s test
+    assert cfg.store.url == base["streamssl"]["command"][base["streamssl"]["command"].index("--set") + 1
+                                                        ].partition("=")[2]  # the stack's Redis
+    # one scrape target per rank started, on metrics.port + LOCAL_RANK
+    assert json.loads(targets.read_text()) == [{"targets": [f"streamssl:{cfg.metrics.port + r}" for r in range(3)]}]
+    # torchrun's wait for the final checkpoint ends before compose's SIGKILL (stop_grace_period, in minutes)
+    grace_s = 60 * int(str(app.get("stop_grace_period", base["streamssl"]["stop_grace_period"])).rstrip("m"))
+    assert 120 <= flags.shutdown_timeout < grace_s
+    ports = [str(p) for p in app["ports"]]
+    assert all(p.startswith("127.0.0.1:") for p in ports) and str(base["streamssl"]["ports"][0]) in ports
+    assert {f"127.0.0.1:{cfg.metrics.port + r}:{cfg.metrics.port + r}" for r in range(8)} <= set(ports)
+    devices = app["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+
+
+def test_gpu_compose_prometheus_reads_the_targets_the_daemon_writes() -> None:
+    import fnmatch
+
+    base, services = load_yaml(OPS / "docker-compose.yml")["services"], gpu_compose()
+    prom = services["prometheus"]
+    mounts = dict(v.split(":")[:2] for v in prom["volumes"])
+    config_target = mounts["./prometheus/prometheus.gpu.yml"]
+    assert f"--config.file={config_target}" in prom["command"] and (OPS / "prometheus/prometheus.gpu.yml").exists()
+    base_mounts = dict(v.split(":")[:2] for v in base["prometheus"]["volumes"])
+    config = load_yaml(PROM_GPU)
+    for rule_file in config["rule_files"]:  # resolved relative to the config: mounted beside it by the base
+        assert str(Path(config_target).parent / rule_file) in base_mounts.values(), rule_file
+    # the daemon writes SCRAPE_TARGETS_FILE into a volume; Prometheus mounts that volume and reads the file
+    written = Path(services["streamssl"]["environment"]["SCRAPE_TARGETS_FILE"])
+    app_volumes = dict(v.split(":")[:2] for v in base["streamssl"]["volumes"])
+    volume, inside = next((vol, Path(path)) for vol, path in app_volumes.items() if written.is_relative_to(path))
+    seen_at = Path(mounts[volume]) / written.relative_to(inside)
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "streamssl"]  # alerts.yml's job
+    assert any(fnmatch.fnmatch(str(seen_at), f) for sd in job["file_sd_configs"] for f in sd["files"])
+
+
+@needs_promtool
+def test_promtool_check_gpu_config_and_the_targets_file(tmp_path: Path) -> None:
+    result = promtool("check", "config", "prometheus.gpu.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout
+    # the file the entrypoint writes, as Prometheus will read it (promtool parses file_sd files it finds)
+    targets, _ = run_gpu_entrypoint(tmp_path, 8)
+    shutil.copy(PROM / "alerts.yml", tmp_path / "alerts.yml")
+    config = PROM_GPU.read_text().replace("/streamssl-runs/prometheus-targets/*.json", str(targets))
+    assert str(targets) in config
+    (tmp_path / "prometheus.yml").write_text(config)
+    result = subprocess.run([str(PROMTOOL), "check", "config", "prometheus.yml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "WARNING" not in result.stdout + result.stderr, result.stdout + result.stderr
