@@ -112,9 +112,18 @@ def test_two_ranks_step_as_one_process_on_the_whole_batch() -> None:
         for rank in (0, 1):
             losses, params = ranks[rank][method]
             np.testing.assert_allclose(losses, single_losses, rtol=2e-4, atol=1e-5, err_msg=method)
-            np.testing.assert_allclose(params, single_params, rtol=0, atol=1e-4, err_msg=method)  # float sums
+            assert_equal_but_for_summation_order(params, single_params, method)
         moved = np.abs(single_params - run_untrained(method)).max()
         assert moved > 1e-2, f"{method}: the steps barely moved the weights ({moved}): the test would not see a gap"
+
+
+def assert_equal_but_for_summation_order(params: np.ndarray, single: np.ndarray, method: str) -> None:
+    """Equal within float32 sums taken in another order: every weight within 5e-4 and all but one in 10^5
+    within 1e-4 (the few beyond are the largest sums, the first convolution's: on an AMD EPYC 39 of 11.2M
+    weights of SimCLR differed by up to 2.0e-4, on an Intel Xeon none). A wrong gradient moves them all."""
+    gap = np.abs(params - single)
+    assert gap.max() <= 5e-4, f"{method}: a weight differs by {gap.max():.2e}"
+    assert (gap > 1e-4).mean() <= 1e-5, f"{method}: {(gap > 1e-4).sum()} of {gap.size} weights differ by > 1e-4"
 
 
 def run_untrained(method: str) -> np.ndarray:
@@ -140,7 +149,8 @@ def test_without_job_wide_batch_norm_the_step_differs() -> None:
     learner.step(views, ids=ids)
     single = torch.cat([p.detach().flatten() for p in learner.method.trunk.parameters()]).numpy()
     np.testing.assert_allclose(ranks[0], ranks[1], rtol=0, atol=1e-6)  # DDP still keeps the ranks identical
-    assert np.abs(ranks[0] - single).max() > 1e-4
+    with pytest.raises(AssertionError):  # the check of the test above fails on it
+        assert_equal_but_for_summation_order(ranks[0], single, "simclr without SyncBN")
 
 
 def _collectives(rank: int, world: int) -> dict[str, Any]:
