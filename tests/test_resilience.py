@@ -298,3 +298,20 @@ def test_second_ctrl_c_exits_130_without_a_checkpoint_and_leaves_the_last_one(tm
     assert "exiting now without a final checkpoint" in err and "inline_container" not in err
     newest = CheckpointManager(run_dir).load()
     assert newest is not None and newest["step"] >= 2  # intact, and loads
+
+
+def test_history_on_a_full_disk_drops_records_and_says_so(tmp_path: Path, caplog) -> None:
+    """/dev/full answers every write with ENOSPC: the record is dropped (training must not stop for it), the
+    log says so once, and once writes work again it says how many were lost."""
+    from streamssl.service.progress import History
+
+    history = History("/dev/full")
+    with caplog.at_level(logging.WARNING, logger="streamssl.service.daemon"):
+        for step in range(3):
+            history.event({"step": step})
+        assert history.dropped == 3 and caplog.text.count("records are dropped") == 1
+        history.path = str(tmp_path / "history.jsonl")  # room again
+        history.event({"step": 3})
+        history.close()
+    assert "3 records were dropped" in caplog.text and history.dropped == 0
+    assert (tmp_path / "history.jsonl").read_text() == '\n{"step": 3}\n'

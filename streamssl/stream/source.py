@@ -226,6 +226,7 @@ class FolderSource:
         self._present: set[str] = set()
         # name -> ((size, mtime_ns), monotonic time first seen with that signature)
         self._seen: dict[str, tuple[tuple[int, int], float]] = {}
+        self._missing = False  # the folder could not be listed at the last look
         self._closed = threading.Event()
 
     def describe(self) -> str:
@@ -257,9 +258,15 @@ class FolderSource:
         present: set[str] = set()
         try:
             entries = list(os.scandir(self.folder))
-        except OSError as exc:  # folder briefly unmounted or removed: keep following
-            log.warning("shard folder %s: %s", self.folder, exc)
+        except OSError as exc:  # folder unmounted or removed: keep following, say so once
+            if not self._missing:
+                log.warning("shard folder %s: %s; following it until it is back (shards read before stay done)",
+                            self.folder, exc.strerror or exc)
+                self._missing = True
             return []
+        if self._missing:
+            log.warning("shard folder %s is back", self.folder)
+            self._missing = False
         for entry in entries:
             name = entry.name
             if name.startswith(".") or name.endswith(_PARTIAL_SUFFIXES) or not name.endswith(".tar"):
