@@ -258,6 +258,24 @@ def test_kill_9_with_redis_source_loses_no_shard(tmp_path: Path, redis_server,
     assert state["images"] >= 64 and state["position"]["open"] == []
 
 
+def test_a_quiet_stream_gets_one_checkpoint_and_its_shards_acknowledged(tmp_path: Path, redis_server,
+                                                                       daemons: list[DaemonProcess]) -> None:
+    shards = make_shards(tmp_path, 3)
+    publish_urls(redis_server.url, shards)
+    d = DaemonProcess(tmp_path, f'source.urls=["{redis_server.url}"]', "checkpoint.every_steps=1000",
+                      "checkpoint.idle_s=2")
+    daemons.append(d)
+    client = redis.Redis.from_url(redis_server.url)
+    # acks follow checkpoints: without the idle one, the shards would stay pending until the next 1000 steps
+    wait_for(lambda: d.steps() == 3 and client.xinfo_groups("streamssl:shards")[0]["pending"] == 0, 120,
+             "three steps, then every shard acknowledged while the daemon runs")
+    assert [int(p.name[5:17]) for p in CheckpointManager(tmp_path / "run").paths()] == [3]
+    time.sleep(3)  # quiet for longer: nothing new to write, so no second checkpoint
+    assert len(CheckpointManager(tmp_path / "run").paths()) == 1 and d.proc.poll() is None
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait() == 0, d.output
+
+
 def test_clear_errors_for_a_foreign_checkpoint_and_a_taken_port(tmp_path: Path) -> None:
     import socket
 

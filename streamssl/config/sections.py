@@ -231,6 +231,8 @@ class CheckpointConfig:
     dir: str = _f("runs/default", "Folder for checkpoints (and the local prototype store).")
     every_steps: int = _f(1000, "Checkpoint every this many steps.", ge=1)
     every_s: float = _f(600.0, "... or when this many seconds passed since the last one.", gt=0)
+    idle_s: float = _f(30.0, "... or once the stream was quiet this long after steps not yet checkpointed "
+                       "(their shards are then acknowledged). 0: never.", ge=0)
     keep: int = _f(3, "Checkpoints kept (oldest deleted first).", ge=1)
     resume: bool = _f(True, "Resume from the newest checkpoint in dir when there is one.")
     allow_new_source: bool = _f(False, "Resume a checkpoint written on other source.urls (passwords aside) and "

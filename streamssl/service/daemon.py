@@ -100,7 +100,8 @@ class Daemon(RunState):
         use_device(self.device)
         distributed.init(self.world, self.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, keep=cfg.checkpoint.keep)
-        self.checkpoints.prepare()  # a folder that cannot hold checkpoints stops the run now, not at its end
+        if self.world.is_main:  # rank 0 alone reads and writes checkpoint.dir; the other ranks never touch it
+            self.checkpoints.prepare()  # a folder that cannot hold checkpoints stops the run now, not at its end
         self.learner = Learner.build(cfg.model, cfg.learner, device=self.device, settings=method_settings(cfg),
                                      sync_bn=cfg.dist.sync_bn)
         method = self.learner.method
@@ -130,6 +131,7 @@ class Daemon(RunState):
         self.last_checkpoint_error: BaseException | None = None
         self._last_ckpt_time = time.monotonic()
         self._last_ckpt_step = -1
+        self._idle_ckpt_step = -1  # the step of the last idle checkpoint tried
         self._last_ckpt_path: str | None = None
         self._last_heartbeat = 0.0
         self._published: Tensor | None = None
@@ -162,12 +164,24 @@ class Daemon(RunState):
         if self.replay is not None:
             self.metrics.replay(self.replay.snapshot())  # the counters' baseline: what a checkpoint brought
         self.feeder.start()  # after self.stream is set: the feeder's first samples may ack a shard
-        stream, cfg = self.stream, self.cfg
+        cfg = self.cfg
         return StepGate(self.feeder, self.world, self._drain(self.feeder), start=start,
                         wait_log_s=cfg.dist.wait_log_s, stopping=lambda: bool(self._signals) or (
                             bool(cfg.run.max_seconds) and time.monotonic() - start >= cfg.run.max_seconds),
                         due=lambda: time.monotonic() - self._last_ckpt_time > cfg.checkpoint.every_s,
-                        idle=lambda: self.metrics.set_source_idle(stream.idle_seconds()), device=self.device)
+                        idle=self._idle, device=self.device)
+
+    def _idle(self, waited_s: float) -> None:
+        """While no batch comes: the source's idle time in the metrics and, once the stream has been quiet for
+        ``checkpoint.idle_s`` after steps not yet checkpointed, one checkpoint: a quiet stream then holds no
+        learning at risk, and the shards it trained are acknowledged (acks follow checkpoints). Ranks: the
+        job's wait and step, the same everywhere, so all ranks write it together."""
+        if self.stream is not None:
+            self.metrics.set_source_idle(self.stream.idle_seconds())
+        step, idle_s = self.learner.step_count, self.cfg.checkpoint.idle_s
+        if idle_s and waited_s >= idle_s and step > 0 and step not in (self._last_ckpt_step, self._idle_ckpt_step):
+            self._idle_ckpt_step = step  # once per quiet spell, written or failed
+            self.checkpoint()
 
     def _ack(self, url: str) -> None:
         assert self.stream is not None
@@ -175,9 +189,7 @@ class Daemon(RunState):
         self.metrics.shard_done()
 
     def _drain(self, feeder: Feeder) -> Iterator[Batch]:
-        stream = feeder.stream
-        yield from feeder.drain(lambda: bool(self._signals),
-                                lambda: self.metrics.set_source_idle(stream.idle_seconds()))
+        yield from feeder.drain(lambda: bool(self._signals), self._idle)
         self._feeder_failed()
 
     def _feeder_failed(self) -> None:

@@ -8,6 +8,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -71,17 +72,20 @@ class Feeder(threading.Thread):
         self._stop_event.set()
         self.stream.close()
 
-    def drain(self, stopping: Callable[[], bool], idle: Callable[[], None]) -> Iterator[Batch]:
-        """The batches, in order, until the feeder's end, or until ``stopping()`` while none is ready (``idle()``
-        is called every half second that none is)."""
+    def drain(self, stopping: Callable[[], bool], idle: Callable[[float], None]) -> Iterator[Batch]:
+        """The batches, in order, until the feeder's end, or until ``stopping()`` while none is ready
+        (``idle(seconds waited)`` is called every half second that none is)."""
+        waiting_since: float | None = None
         while True:
             try:
                 item = self.out.get(timeout=0.5)
             except queue.Empty:
                 if stopping():
                     return
-                idle()
+                waiting_since = time.monotonic() if waiting_since is None else waiting_since
+                idle(time.monotonic() - waiting_since)
                 continue
+            waiting_since = None
             if item is END:
                 return
             yield item

@@ -41,12 +41,14 @@ class StepGate:
     """The next batch every rank trains on, or None when the run stops (see the module docstring).
 
     ``batches``: the feeder's batches as one process iterates them. ``stopping()``: this rank was signalled.
-    ``due()``: this rank's clock wants a checkpoint. ``idle()``: called while waiting. After each batch,
+    ``due()``: this rank's clock wants a checkpoint. ``idle(seconds)``: called while waiting, with the seconds
+    the job has waited by the job's clock (the same on every rank in the same round, so a collective
+    decided on it, such as an idle checkpoint, is taken by all ranks together). After each batch,
     ``checkpoint_due`` and ``elapsed_s`` are the job's.
     """
 
     def __init__(self, feeder: Feeder, world: World, batches: Iterator[Batch], *, start: float, wait_log_s: float,
-                 stopping: Callable[[], bool], due: Callable[[], bool], idle: Callable[[], None],
+                 stopping: Callable[[], bool], due: Callable[[], bool], idle: Callable[[float], None],
                  device: torch.device) -> None:
         self.feeder, self.world, self.start = feeder, world, start
         self.wait_log_s = wait_log_s
@@ -64,6 +66,7 @@ class StepGate:
             self.elapsed_s = time.monotonic() - self.start
             return next(self._drain, None)
         waiting_since: float | None = None
+        job_waiting_since: float | None = None  # by the job's clock (the all-reduced elapsed time)
         while True:
             if self._held is None and not self._ended:
                 item = self.feeder.poll(0.5)
@@ -82,6 +85,7 @@ class StepGate:
                 self.checkpoint_due = bool(flags[DUE])
                 return batch
             self.waits += 1
+            job_waiting_since = self.elapsed_s if job_waiting_since is None else job_waiting_since
             now = time.monotonic()
             if waiting_since is None:
                 waiting_since = now
@@ -90,7 +94,7 @@ class StepGate:
                             self.world.rank, now - waiting_since,
                             "" if self._held is None else "; this rank holds one")
                 waiting_since = now
-            self.idle()
+            self.idle(self.elapsed_s - job_waiting_since)
             if self._ended or self._held is not None:
                 time.sleep(0.5)  # nothing to poll here: pace the rounds as the feeder's poll does
 
