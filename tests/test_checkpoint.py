@@ -89,3 +89,29 @@ def test_interrupted_write_leaves_previous_intact(tmp_path: Path, monkeypatch: p
         manager.save(state(2), 2)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000000000001.pt"]
     assert manager.load()["step"] == 1
+
+
+
+def test_a_full_disk_is_the_disks_error_not_torchs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.save turns the OSError of a failed write into a RuntimeError ('unexpected pos'), which the
+    daemon would take for a crash; the checkpoint manager raises the disk's own error, a write error, and
+    the previous checkpoint stays. /dev/full answers every write with ENOSPC."""
+    import errno
+
+    from streamssl.service import checkpoint as module
+
+    with open("/dev/full", "wb", buffering=0) as full, pytest.raises(OSError) as raised:
+        module._save({"x": torch.zeros(100_000)}, full)
+    assert raised.value.errno == errno.ENOSPC
+
+    manager = CheckpointManager(tmp_path, keep=2)
+    manager.save({"x": torch.zeros(4)}, step=1)
+
+    def onto_a_full_disk(path, write, **_):
+        with open("/dev/full", "wb", buffering=0) as f:
+            write(f)
+
+    monkeypatch.setattr(module, "write_atomic", onto_a_full_disk)
+    with pytest.raises(module.CheckpointWriteError, match="No space left on device"):
+        manager.save({"x": torch.zeros(100_000)}, step=2)
+    assert [module.load_checkpoint(p)["step"] for p in manager.paths()] == [1]

@@ -150,7 +150,7 @@ class CheckpointManager:
         final = self.folder / f"ckpt-{sequence:012d}.pt"
         payload = {"format": FORMAT, "step": step, "sequence": sequence, "saved_at": time.time(), **state}
         try:  # a hidden .ckpt-*.tmp beside it while written (prepare removes those a killed writer left)
-            write_atomic(final, lambda f: torch.save(payload, f), sync_folder=True)
+            write_atomic(final, lambda f: _save(payload, f), sync_folder=True)
         except OSError as exc:
             raise CheckpointWriteError(f"checkpoint of step {step} not written to {self.folder}: "
                                        f"{exc.strerror or exc}") from exc
@@ -172,6 +172,35 @@ class CheckpointManager:
             except CheckpointError as exc:
                 log.error("%s; trying the one before it", exc)
         return None
+
+
+class _KeepsWriteErrors:
+    """A file whose failed writes ``torch.save`` cannot hide: its zip writer turns a write that raised (disk
+    full) into ``RuntimeError('... unexpected pos ...')``; the ``OSError`` is kept here to be raised instead."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save(payload: dict[str, Any], f: Any) -> None:
+    sink = _KeepsWriteErrors(f)
+    try:
+        torch.save(payload, sink)
+    except RuntimeError:
+        if sink.error is not None:
+            raise sink.error from None
+        raise
 
 
 def _sequence(path: Path) -> int:
