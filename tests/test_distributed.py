@@ -27,7 +27,9 @@ STEPS = 3
 SETTINGS: dict[str, Any] = {
     "moco": MoCoConfig(queue_length=32, bn_splits=1),  # one BN group: the same statistics either way
     "npid": NPIDConfig(memory_length=64, negatives=8),
-    "deepcluster": DeepClusterConfig(memory_length=1000),  # no k-means within the test's steps
+    # the job's 16 rows per step (2 assignment views of 8) fill the memory in the first step: k-means, and the
+    # labeller taken then, label the second and third steps
+    "deepcluster": DeepClusterConfig(memory_length=16),
 }
 
 

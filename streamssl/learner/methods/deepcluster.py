@@ -8,8 +8,12 @@ dataset and no epochs, so here the memory is the recent stream (the assignment v
 ``deepcluster.memory_length`` rows, a FIFO) and k-means reruns every ``deepcluster.refresh_steps`` steps,
 each time from ``K`` rows of the memory drawn at random, as the authors' code starts every epoch's k-means (so a
 cluster that emptied comes back, and a clustering that drifted towards a few centroids is not continued).
-The memory needs rows for every centroid (the paper clusters about 400 images per centroid; here
-``memory_length >= K`` is checked, and ~10-30 per centroid is the practical range on a CPU).
+With ranks (torch.distributed) every rank writes every rank's rows, so ``memory_length`` is the job's, and
+k-means, run on every rank from the same seeded rows, gives the same centroids everywhere. The authors keep
+each rank's rows on that rank and all-reduce k-means' sums: the same centroids; this way is simpler and
+costs the job's memory on every rank (32768 x 128 floats by default, 16 MiB). The memory needs rows for
+every centroid (the paper clusters about 400 images per centroid; here ``memory_length >= K`` is checked,
+and ~10-30 per centroid is the practical range on a CPU).
 
 The pseudo-labels. In the paper a sample's label is its cluster in the last k-means: fixed for a whole epoch,
 so the network cannot move its own targets. On a stream an image is seen once and has no stored label, so
@@ -46,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from streamssl.config import DeepClusterConfig, LearnerConfig, ModelConfig
+from streamssl.distributed import gather
 from streamssl.learner.methods.base import Mark, Method, features_by_size, make_encoder, ring_slots
 from streamssl.learner.methods.swav import SwAV, label_usage, max_code_entropy
 
@@ -127,7 +132,9 @@ class DeepClusterV2(Method):
                                                    label_emb)
         mark("loss")
         batch = views[0].shape[0]
-        self._emb = torch.cat([emb[t * batch:(t + 1) * batch] for t in assign]).detach().float()
+        # every rank's rows, view by view (the order of one process on the whole batch): the memory, and so
+        # the centroids and labels, are the job's and the same on every rank
+        self._emb = torch.cat([gather(emb[t * batch:(t + 1) * batch]) for t in assign]).detach().float()
         entropy, in_use = label_usage(torch.cat(labels))
         return loss, {"code_entropy": entropy, "prototypes_in_use": in_use}
 
