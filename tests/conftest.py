@@ -99,6 +99,15 @@ def persistent_redis() -> Iterator[RedisServer]:
     yield from _serve(persist=True)
 
 
+@pytest.fixture
+def daemons() -> Iterator[list]:
+    """Daemon subprocesses a test starts (``tests.test_daemon.DaemonProcess``): killed when it ends."""
+    started: list = []
+    yield started
+    for d in started:
+        d.kill()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
         import torch

@@ -111,14 +111,6 @@ class DaemonProcess:
             self.proc.wait(timeout=30)
 
 
-@pytest.fixture
-def daemons():
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
-
-
 def test_in_process_run_with_local_store(tmp_path: Path) -> None:
     shards = make_shards(tmp_path, 2)
     cfg = config(tmp_path, f"source.urls=[\"{shards[0]}\", \"{shards[1]}\"]", "run.max_steps=5",

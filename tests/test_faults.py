@@ -31,17 +31,21 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 REDIS_FAST = ["store.retry_max_s=0.5", "store.socket_timeout_s=0.5", "store.every_steps=1"]
 
 
-@pytest.fixture
-def daemons():
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
-
-
 def start(daemons: list[DaemonProcess], tmp_path: Path, *overrides: str) -> DaemonProcess:
     d = DaemonProcess(tmp_path, *overrides)
     daemons.append(d)
+    return d
+
+
+def through_an_outage(daemons: list[DaemonProcess], tmp_path: Path, server, every_steps: int) -> DaemonProcess:
+    """A daemon with its ingest stream and store on ``server``; after two steps ``server`` is killed, and is
+    down (as the daemon's metrics tell) when this returns."""
+    d = start(daemons, tmp_path, f'source.urls=["{server.url}"]', f"store.url={server.url}",
+              f"checkpoint.every_steps={every_steps}", *REDIS_FAST)
+    url = d.metrics_url()
+    wait_for(lambda: d.steps() >= 2, 180, "two steps")
+    server.stop()
+    wait_for(lambda: sample_value(url, "streamssl_store_up") == 0, 60, "the store down in the metrics")
     return d
 
 
@@ -110,12 +114,7 @@ def test_redis_killed_and_restarted_loses_no_shard(tmp_path: Path, persistent_re
     trained exactly once and acknowledged; the store catches up."""
     shards = make_shards(tmp_path, 12)
     publish_urls(persistent_redis.url, shards)
-    d = start(daemons, tmp_path, f'source.urls=["{persistent_redis.url}"]', f"store.url={persistent_redis.url}",
-              "checkpoint.every_steps=2", *REDIS_FAST)
-    url = d.metrics_url()
-    wait_for(lambda: d.steps() >= 3, 180, "three steps")
-    persistent_redis.stop()
-    wait_for(lambda: sample_value(url, "streamssl_store_up") == 0, 60, "the store down in the metrics")
+    d = through_an_outage(daemons, tmp_path, persistent_redis, every_steps=1)
     down_at = d.steps()
     time.sleep(3)
     persistent_redis.start()
@@ -134,12 +133,7 @@ def test_redis_restarted_empty_rebuilds_the_group_and_the_store(tmp_path: Path, 
     data (announcements no learner had read yet) must be announced again by the producer."""
     shards = make_shards(tmp_path, 8)
     publish_urls(redis_server.url, shards[:6])
-    d = start(daemons, tmp_path, f'source.urls=["{redis_server.url}"]', f"store.url={redis_server.url}",
-              "checkpoint.every_steps=1", *REDIS_FAST)
-    url = d.metrics_url()
-    wait_for(lambda: d.steps() >= 2, 180, "two steps")
-    redis_server.stop()
-    wait_for(lambda: sample_value(url, "streamssl_store_up") == 0, 60, "the store down in the metrics")
+    d = through_an_outage(daemons, tmp_path, redis_server, every_steps=1)
     redis_server.start()  # empty: no stream, no group, no prototypes
     restart_step = d.steps()
     new_ids = publish_urls(redis_server.url, shards[6:])

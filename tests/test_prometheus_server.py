@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_daemon import DaemonProcess, daemons  # noqa: F401 (daemons: a fixture)
+from tests.test_daemon import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "ops" / "prometheus" / "alerts.yml"
@@ -58,7 +58,7 @@ def poll(what: str, timeout_s: float, probe, log: Path) -> Any:
 
 @pytest.mark.slow
 def test_prometheus_scrapes_a_running_daemon_and_evaluates_the_alert_rules(
-        tmp_path: Path, daemons: list[DaemonProcess]) -> None:  # noqa: F811
+        tmp_path: Path, daemons: list[DaemonProcess]) -> None:
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("no prometheus binary (Debian: apt-get install prometheus)")

@@ -31,7 +31,7 @@ from streamssl.redis_client import TLSFiles
 from streamssl.store import RedisPrototypeStore, StoreAuthError, StoreUnavailable
 from streamssl.stream.redis_source import RedisAuthError, RedisStreamSource, SourceUnavailable, publish_urls
 from streamssl.stream.shards import read_shard
-from tests.test_daemon import DaemonProcess, daemons, make_shards, wait_for  # noqa: F401 (daemons: a fixture)
+from tests.test_daemon import DaemonProcess, make_shards, wait_for
 from tests.test_source import write_shard
 from tests.test_store import protos, spawn_redis  # noqa: F401 (spawn_redis: a fixture)
 
@@ -177,7 +177,7 @@ def test_credentials_never_reach_the_logs(tmp_path: Path, caplog) -> None:
 
 @pytest.mark.slow
 def test_a_daemon_on_tls_redis_keeps_its_credentials_out_of_output_status_and_metrics(
-        tmp_path: Path, tls_redis, daemons: list[DaemonProcess]) -> None:  # noqa: F811
+        tmp_path: Path, tls_redis, daemons: list[DaemonProcess]) -> None:
     """``streamssl run`` with the store (requirepass) and the ingest source (an ACL user) on one mutual-TLS
     Redis: it trains on the published shards, and neither its output, nor /metrics, nor ``streamssl
     status`` (text and JSON, with the right and with a wrong password) shows a password."""
