@@ -1,8 +1,8 @@
 """Scale-out on this machine (issue 19): the learner step of one process against two gloo ranks, and what the
 ranks send each other per step.
 
-Three runs of ``--steps`` timed steps (after ``--warmup``) on synthetic views of the profile's shapes (no
-data path: the step alone), each one after the other:
+Three runs of ``streamssl bench learner`` (``--steps`` timed steps after ``--warmup``, random views of the
+profile's shapes, no data path: the step alone; a full SwAV queue), each one after the other:
 
 - ``1 process x 2 threads``, batch B: the machine as one process uses it;
 - ``1 process x 1 thread``, batch B: one rank's compute alone;
@@ -44,14 +44,8 @@ from quality_report import machine_info  # noqa: E402
 
 from streamssl import distributed  # noqa: E402
 from streamssl.config import resolve  # noqa: E402
-from streamssl.learner.engine import Learner  # noqa: E402
-from streamssl.learner.methods import method_settings  # noqa: E402
-
-
-def views_for(cfg: Any, batch: int, step: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(step)
-    return [torch.randn(batch, 3, size, size, generator=g)
-            for size, n in zip(cfg.augment.sizes, cfg.augment.n_views, strict=True) for _ in range(n)]
+from streamssl.learner.methods import make_method, method_settings  # noqa: E402
+from streamssl.tools.bench import bench_learner  # noqa: E402
 
 
 class Counted:
@@ -74,24 +68,11 @@ class Counted:
         return counted
 
 
-def timed_steps(args: argparse.Namespace, threads: int, counted: Counted | None = None) -> dict[str, Any]:
-    torch.set_num_threads(threads)
-    cfg = resolve(args.config, environ={}, overrides=args.set)
-    learner = Learner.build(cfg.model, cfg.learner, settings=method_settings(cfg), sync_bn=cfg.dist.sync_bn)
-    batch = cfg.learner.batch_size
-    for step in range(args.warmup):
-        learner.step(views_for(cfg, batch, step))
-    if counted is not None:
-        dist.all_reduce, dist.all_gather = counted.wrap("all_reduce", dist.all_reduce), counted.wrap(
-            "all_gather", dist.all_gather)
-    times = []
-    for step in range(args.steps):
-        start = time.perf_counter()
-        stats = learner.step(views_for(cfg, batch, 1000 + step))
-        times.append(time.perf_counter() - start)
-    n_params = sum(p.numel() for p in learner.method.parameters() if p.requires_grad)
-    return {"batch": batch, "step_s": statistics.median(times), "images_per_s": batch / statistics.median(times),
-            "loss": stats.loss, "params": n_params}
+def timed_steps(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """``streamssl bench learner``'s figures for the profile on ``threads`` threads."""
+    cfg = resolve(args.config, environ={}, overrides=[*args.set, f"run.threads={threads}"])
+    result = bench_learner(cfg, steps=args.steps, warmup=args.warmup)
+    return {**result, "batch": result["batch_size"]}
 
 
 def _rank(rank: int, port: int, args: argparse.Namespace, out: Any) -> None:
@@ -99,17 +80,23 @@ def _rank(rank: int, port: int, args: argparse.Namespace, out: Any) -> None:
                       LOCAL_RANK=str(rank))
     distributed.init(distributed.world_from_env(), torch.device("cpu"), timeout_s=600)
     counted = Counted()
-    result = timed_steps(args, threads=1, counted=counted)
-    per_step = {k: {"calls": counted.calls[k] / args.steps, "bytes": counted.bytes[k] / args.steps,
-                    "ms": 1000 * counted.seconds[k] / args.steps} for k in counted.calls}
-    grads = torch.zeros(result["params"])  # DDP's volume, one all-reduce (its buckets overlap the backward)
+    dist.all_reduce, dist.all_gather = counted.wrap("all_reduce", dist.all_reduce), counted.wrap(
+        "all_gather", dist.all_gather)
+    result = timed_steps(args, threads=1)
+    steps = args.warmup + args.steps  # counted over every step, the warm-up ones included
+    per_step = {k: {"calls": counted.calls[k] / steps, "bytes": counted.bytes[k] / steps,
+                    "ms": 1000 * counted.seconds[k] / steps} for k in counted.calls}
+    cfg = resolve(args.config, environ={}, overrides=args.set)
+    params = sum(p.numel() for p in make_method(cfg.model, cfg.learner, device=torch.device("cpu"),
+                                                settings=method_settings(cfg)).parameters() if p.requires_grad)
+    grads = torch.zeros(params)  # DDP's volume, one all-reduce (its buckets overlap the backward)
     dist.barrier()
     times = []
     for _ in range(5):
         start = time.perf_counter()
         dist.all_reduce(grads)
         times.append(time.perf_counter() - start)
-    out.put((rank, {**result, "python_collectives_per_step": per_step,
+    out.put((rank, {**result, "params": params, "python_collectives_per_step": per_step,
                     "grad_allreduce_ms": 1000 * statistics.median(times)}))
     distributed.shutdown()
 

@@ -30,7 +30,8 @@ def bench_learner(cfg: Config, *, steps: int = 10, warmup: int = 2) -> dict[str,
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device = pick_device(cfg.run.device)
-    learner = Learner.build(cfg.model, cfg.learner, device=device, settings=method_settings(cfg))
+    learner = Learner.build(cfg.model, cfg.learner, device=device, settings=method_settings(cfg),
+                            sync_bn=cfg.dist.sync_bn)  # as the daemon builds it (one process: no effect)
     queue = getattr(learner.method, "queue", None)
     batch = cfg.learner.batch_size
     generator = torch.Generator().manual_seed(0)
