@@ -17,8 +17,9 @@ Health: the spread of the online projections across the batch (``embedding_std``
 image to one point). Recovery: the rollback, then the target held at ``final_momentum`` (its slowest) for
 the recovery, so it cannot follow the online network back into collapse quickly.
 
-Views with different augmentation per view (the paper blurs one view always and the other rarely, and
-solarises only the second) need per-view augmentation settings in the augment stage; until then both views
+The paper's asymmetric views (one view always blurred and never solarised, the other rarely blurred and
+sometimes solarised) are two size groups of one view each with per-group probabilities: ``augment.sizes =
+[S, S]``, ``n_views = [1, 1]``, ``blur_p = [1.0, 0.1]``, ``solarize_p = [0.0, 0.2]``. Without them both views
 share the recipe of their size group.
 """
 
