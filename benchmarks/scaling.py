@@ -44,7 +44,6 @@ from quality_report import machine_info  # noqa: E402
 
 from streamssl import distributed  # noqa: E402
 from streamssl.config import resolve  # noqa: E402
-from streamssl.learner.methods import make_method, method_settings  # noqa: E402
 from streamssl.tools.bench import bench_learner  # noqa: E402
 
 
@@ -71,8 +70,7 @@ class Counted:
 def timed_steps(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     """``streamssl bench learner``'s figures for the profile on ``threads`` threads."""
     cfg = resolve(args.config, environ={}, overrides=[*args.set, f"run.threads={threads}"])
-    result = bench_learner(cfg, steps=args.steps, warmup=args.warmup)
-    return {**result, "batch": result["batch_size"]}
+    return bench_learner(cfg, steps=args.steps, warmup=args.warmup)
 
 
 def _rank(rank: int, port: int, args: argparse.Namespace, out: Any) -> None:
@@ -86,17 +84,14 @@ def _rank(rank: int, port: int, args: argparse.Namespace, out: Any) -> None:
     steps = args.warmup + args.steps  # counted over every step, the warm-up ones included
     per_step = {k: {"calls": counted.calls[k] / steps, "bytes": counted.bytes[k] / steps,
                     "ms": 1000 * counted.seconds[k] / steps} for k in counted.calls}
-    cfg = resolve(args.config, environ={}, overrides=args.set)
-    params = sum(p.numel() for p in make_method(cfg.model, cfg.learner, device=torch.device("cpu"),
-                                                settings=method_settings(cfg)).parameters() if p.requires_grad)
-    grads = torch.zeros(params)  # DDP's volume, one all-reduce (its buckets overlap the backward)
+    grads = torch.zeros(result["params"])  # DDP's volume, one all-reduce (its buckets overlap the backward)
     dist.barrier()
     times = []
     for _ in range(5):
         start = time.perf_counter()
         dist.all_reduce(grads)
         times.append(time.perf_counter() - start)
-    out.put((rank, {**result, "params": params, "python_collectives_per_step": per_step,
+    out.put((rank, {**result, "python_collectives_per_step": per_step,
                     "grad_allreduce_ms": 1000 * statistics.median(times)}))
     distributed.shutdown()
 
@@ -114,7 +109,7 @@ def two_ranks(args: argparse.Namespace) -> dict[str, Any]:
     for p in procs:
         p.join(timeout=60)
     step_s = max(r["step_s"] for r in results.values())  # the ranks step together: the slower sets the pace
-    return {**results[0], "step_s": step_s, "images_per_s": 2 * results[0]["batch"] / step_s}
+    return {**results[0], "step_s": step_s, "images_per_s": 2 * results[0]["batch_size"] / step_s}
 
 
 def main() -> int:
@@ -132,9 +127,9 @@ def main() -> int:
     efficiency = ranks["images_per_s"] / (2 * one_one["images_per_s"])
     print(f"machine: {machine_info()}")
     print(f"{'run':<24}{'batch':>7}{'ms/step':>10}{'img/s':>9}")
-    for name, r, b in (("1 process x 2 threads", one_two, one_two["batch"]),
-                       ("1 process x 1 thread", one_one, one_one["batch"]),
-                       ("2 ranks x 1 thread", ranks, 2 * ranks["batch"])):
+    for name, r, b in (("1 process x 2 threads", one_two, one_two["batch_size"]),
+                       ("1 process x 1 thread", one_one, one_one["batch_size"]),
+                       ("2 ranks x 1 thread", ranks, 2 * ranks["batch_size"])):
         print(f"{name:<24}{b:>7}{1000 * r['step_s']:>10.1f}{r['images_per_s']:>9.1f}")
     print(f"scaling efficiency of 2 ranks: {efficiency:.1%} (2-rank img/s over twice the 1-thread process's)")
     print(f"DDP gradients: {ranks['params']:,} floats ({4 * ranks['params'] / 2**20:.1f} MiB) per step; one gloo "
